@@ -1,0 +1,29 @@
+# The table of contents of this repository: `make <target>`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Rebuilt when missing or older than pyproject.toml (the dependency list).
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test lint replicate clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check replicate analysis tests
+	$(PY) -m ruff format --check replicate analysis tests
+
+replicate: $(STAMP)
+	$(PY) -m replicate replicate $(if $(DATA),data.root=$(DATA))
+
+clean-venv:
+	rm -rf $(VENV)

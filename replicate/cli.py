@@ -1,0 +1,75 @@
+"""`python -m replicate <command>`: one entry point per task (the Makefile calls these)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import yaml
+
+from replicate.config import ConfigError, to_dict
+from replicate.experiment import load_experiment
+from replicate.model import AlexNet
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="an experiments/*.yaml file (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.lrn=off")
+
+
+def _split(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """A first positional with '=' is an override, not a config file."""
+    if args.config and "=" in args.config:
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def show_config(args: argparse.Namespace) -> int:
+    config = load_experiment(*_split(args))
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return 0
+
+
+def show_model(args: argparse.Namespace) -> int:
+    """The network layer by layer: output shape and parameters, for one crop."""
+    config = load_experiment(*_split(args))
+    model = AlexNet.from_config(config.model).eval()
+    print(f"{'column':<8}{'layer':<8}{'kernels/units':>16}{'parameters':>14}")
+    per_column = len(model.stages) + 2  # conv stages, FC6, FC7
+    for index, (name, layer) in enumerate(model.named_layers()):
+        column = "AB"[index // per_column] if name != "fc8" else "-"
+        count = sum(p.numel() for p in layer.parameters())
+        print(f"{column:<8}{name:<8}{layer.weight.shape[0]:>16,}{count:>14,}")
+    total = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 3, config.model.input_size, config.model.input_size))
+    print(f"total parameters: {total:,}; output {tuple(logits.shape)}")
+    return 0
+
+
+def replicate(args: argparse.Namespace) -> int:
+    print(
+        "make replicate: not yet implemented (training and evaluation land with the training issue)",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m replicate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, handler, help_text in [
+        ("config", show_config, "print the resolved config of an experiment"),
+        ("model", show_model, "print the network's layers and parameter counts"),
+        ("replicate", replicate, "the whole pipeline (make replicate)"),
+    ]:
+        sub = commands.add_parser(name, help=help_text)
+        _config_arguments(sub)
+        sub.set_defaults(handler=handler)
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,53 @@
+"""One experiment's whole configuration: the sections of every configured module, composed.
+
+An experiment is one YAML file in `experiments/`; `key=value` overrides (dotted: `model.lrn=off`)
+change it from the command line. A file may name a `base:` file (relative to itself) and list
+only the keys it changes, so an ablation differs from the baseline only where it ablates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replicate.config import ConfigError, Section, apply_overrides, from_dict, read_yaml
+from replicate.model import ModelConfig
+
+
+@dataclass
+class ExperimentConfig(Section):
+    name: str = "baseline"  # names the run directory and the W&B run
+    model: ModelConfig = field(default_factory=ModelConfig)  # the network (§3)
+
+
+def resolve_file(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of `path` with its `base:` chain merged in (the file's own keys win)."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' files form a cycle")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return merge(resolve_file(path.parent / base, seen + (path,)), data)
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """The config of `path` (or the defaults) with `overrides` applied; errors name the file."""
+    data = resolve_file(path) if path is not None else {}
+    try:
+        return from_dict(ExperimentConfig, apply_overrides(data, overrides))
+    except ConfigError as error:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{error}") from None

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from replicate.config import ConfigError, parse_override
+from replicate.experiment import ExperimentConfig, load_experiment
+from replicate.model import AlexNet, ModelConfig
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_baseline_is_the_defaults():
+    assert load_experiment(EXPERIMENTS / "baseline.yaml") == ExperimentConfig()
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_experiment(
+        EXPERIMENTS / "baseline.yaml",
+        ["model.lrn=off", "model.columns=1", "model.lrn_k=1", "name=x"],
+    )
+    assert config.model == ModelConfig(lrn="off", columns=1, lrn_k=1.0)
+    assert isinstance(config.model.lrn_k, float) and config.name == "x"
+    assert AlexNet.from_config(config.model).config == config.model
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.colums=1"], "unknown config key 'model.colums'"),
+        (["modle.lrn=off"], "unknown config key 'modle'"),
+        (["model.lrn=of"], r"model.lrn = 'of' is not one of \['paper', 'code2012', 'off'\]"),
+        (["model.num_classes=ten"], "model.num_classes: expected int, got 'ten'"),
+        (["model.dropout_p=2"], "model.dropout_p must be in"),
+        (["model.lrn"], "not of the form key=value"),
+        (["model=3"], "model: expected a mapping"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key_and_file(overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_experiment(EXPERIMENTS / "baseline.yaml", overrides)
+    assert "baseline.yaml" in str(error.value)
+
+
+def test_variant_files_name_a_base_and_change_only_their_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nmodel:\n  num_classes: 10\n  lrn: paper\n")
+    (tmp_path / "no_lrn.yaml").write_text("base: base.yaml\nname: no_lrn\nmodel:\n  lrn: off\n")
+    config = load_experiment(tmp_path / "no_lrn.yaml")
+    assert config.name == "no_lrn" and config.model == ModelConfig(num_classes=10, lrn="off")
+
+
+def test_base_cycle_and_missing_and_malformed_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_experiment(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        load_experiment(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_experiment(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping of config keys"):
+        load_experiment(tmp_path / "list.yaml")
+
+
+def test_override_values_are_read_as_yaml():
+    assert parse_override("model.lrn_k=1e-1") == (["model", "lrn_k"], 0.1)
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("name=") == (["name"], "")

@@ -1,0 +1,67 @@
+import pytest
+import torch
+from torch import nn
+
+from replicate.lrn import ResponseNorm, response_norm
+
+
+def lrn_by_loop(maps: torch.Tensor, n: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    """§3.3 written out: b[i] = a[i] / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a[j]^2)^beta."""
+    maps = maps.double()
+    out = torch.empty_like(maps)
+    count = maps.shape[1]
+    for i in range(count):
+        total = torch.zeros_like(maps[:, 0])
+        for j in range(max(0, i - n // 2), min(count - 1, i + n // 2) + 1):
+            total += maps[:, j] ** 2
+        out[:, i] = maps[:, i] / (k + alpha * total) ** beta
+    return out
+
+
+@pytest.fixture
+def maps() -> torch.Tensor:
+    # Large activations, so that alpha * sum(a^2) is comparable with k and the test has teeth.
+    return torch.rand(2, 48, 5, 5, generator=torch.Generator().manual_seed(1)) * 200
+
+
+def test_paper_rule_matches_formula_including_edge_maps(maps):
+    out = response_norm("paper")(maps).double()
+    expected = lrn_by_loop(maps, n=5, alpha=1e-4, beta=0.75, k=2.0)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # The edge maps sum over fewer neighbours (3 at maps 0 and 47): checked explicitly.
+    for edge in (0, 1, 46, 47):
+        torch.testing.assert_close(out[:, edge], expected[:, edge], rtol=1e-5, atol=1e-6)
+    assert (out - maps).abs().max() > 1.0, "normalisation must actually change the maps"
+
+
+def test_code2012_rule_divides_alpha_by_n(maps):
+    out = response_norm("code2012", k=2.0)(maps).double()
+    torch.testing.assert_close(out, lrn_by_loop(maps, 5, 1e-4 / 5, 0.75, 2.0), rtol=1e-5, atol=1e-6)
+    out_k1 = response_norm("code2012", k=1.0)(maps).double()
+    torch.testing.assert_close(out_k1, lrn_by_loop(maps, 5, 1e-4 / 5, 0.75, 1.0), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, response_norm("paper")(maps).double())
+
+
+def test_torch_local_response_norm_needs_alpha_times_n(maps):
+    # nn.LocalResponseNorm averages the squares, i.e. divides alpha by n: the paper's rule is alpha=5e-4.
+    torch.testing.assert_close(
+        nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)(maps),
+        ResponseNorm(5, 1e-4, 0.75, 2.0)(maps),
+    )
+
+
+def test_off_is_identity(maps):
+    assert torch.equal(response_norm("off")(maps), maps)
+
+
+def test_unknown_rule_is_an_error():
+    with pytest.raises(ValueError, match="unknown LRN rule 'papr'"):
+        response_norm("papr")
+
+
+def test_gradient_matches_loop_formula(maps):
+    maps = maps[:, :8].double().requires_grad_()
+    (ResponseNorm()(maps) ** 2).sum().backward()
+    expected = maps.detach().clone().requires_grad_()
+    (lrn_by_loop(expected, 5, 1e-4, 0.75, 2.0) ** 2).sum().backward()
+    torch.testing.assert_close(maps.grad, expected.grad)

@@ -1,0 +1,57 @@
+import pytest
+
+from replicate.paper import load_claims, paper_result
+
+
+def test_tables_hold_the_papers_numbers():
+    assert (paper_result("table1_cnn")["top1_error"], paper_result("table1_cnn")["top5_error"]) == (
+        37.5,
+        17.0,
+    )
+    one = paper_result("table2_1cnn")
+    five = paper_result("table2_5cnns")
+    assert (one["top1_error"], one["top5_error"]) == (40.7, 18.2)
+    assert (five["top1_error"], five["top5_error"], five["top5_test_error"]) == (38.1, 16.4, 16.4)
+    with pytest.raises(KeyError, match="no paper result 'table9'"):
+        paper_result("table9")
+
+
+def test_every_claim_names_its_section():
+    claims = load_claims()
+    entries = claims["results"] + claims["ablations"] + list(claims["training"].values())
+    entries += [claims["figure1"], claims["cifar10_lrn"]]
+    assert all(str(entry["section"]).startswith("§") for entry in entries)
+
+
+def test_ablation_deltas():
+    ablations = {a["id"]: a for a in load_claims()["ablations"]}
+    assert (ablations["no_lrn"]["top1_delta"], ablations["no_lrn"]["top5_delta"]) == (1.4, 1.2)
+    assert (
+        ablations["non_overlapping_pooling"]["top1_delta"],
+        ablations["non_overlapping_pooling"]["top5_delta"],
+    ) == (0.4, 0.3)
+    assert (ablations["one_column"]["top1_delta"], ablations["one_column"]["top5_delta"]) == (
+        1.7,
+        1.2,
+    )
+    assert ablations["no_pca_colour"]["top1_delta"] == 1.0
+    assert ablations["no_pca_colour"]["bound"] == "at_least"
+    assert ablations["remove_middle_conv"]["top1_delta"] == 2.0
+    # The ensemble delta is Table 2's 5 CNNs minus 1 CNN.
+    five, one = paper_result("table2_5cnns"), paper_result("table2_1cnn")
+    assert ablations["ensemble_5cnns"]["top1_delta"] == pytest.approx(five["top1_error"] - one["top1_error"])
+    assert ablations["ensemble_5cnns"]["top5_delta"] == pytest.approx(five["top5_error"] - one["top5_error"])
+
+
+def test_figure1_cifar_and_training_facts():
+    claims = load_claims()
+    assert claims["figure1"]["tanh_over_relu_epochs"] == 6.0
+    assert claims["figure1"]["threshold_train_error"] == 25.0
+    assert (
+        claims["cifar10_lrn"]["test_error_without_lrn"],
+        claims["cifar10_lrn"]["test_error_with_lrn"],
+    ) == (13.0, 11.0)
+    training = {k: v["value"] for k, v in claims["training"].items()}
+    assert training["batch_size"] == 128 and training["epochs"] == 90
+    assert training["training_days"] == [5, 6] and training["neurons"] == 650_000
+    assert training["parameters"] == 60_000_000
