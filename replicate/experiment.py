@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from replicate.config import ConfigError, Section, apply_overrides, from_dict, read_yaml
+from replicate.data.loader import DataConfig
 from replicate.model import ModelConfig
 
 
@@ -19,6 +20,7 @@ from replicate.model import ModelConfig
 class ExperimentConfig(Section):
     name: str = "baseline"  # names the run directory and the W&B run
     model: ModelConfig = field(default_factory=ModelConfig)  # the network (§3)
+    data: DataConfig = field(default_factory=DataConfig)  # images, preprocessing, augmentation (§2, §4.1)
 
 
 def resolve_file(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

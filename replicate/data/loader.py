@@ -1,0 +1,211 @@
+"""From a data config to DataLoaders: find the source, preprocess it once, batch it (§2, §4.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from replicate.config import ConfigError, Section
+from replicate.data.imagenet import Split, class_names, ilsvrc_split, image_folder
+from replicate.data.sources import IMAGENET_HELP, DataError, bundled_or_download, cache_dir
+from replicate.data.store import ImageStore, StoreSpec, build_store, fingerprint
+from replicate.data.transforms import Augment, AugmentConfig
+
+# The bundled Imagenette subset: per class, 500 train and 150 val images (../shared/data/README.md).
+IMAGENETTE_PER_CLASS = {"train": 500, "val": 150}
+
+
+@dataclass
+class DataConfig(Section):
+    """Where the images come from, how they are stored, augmented and batched."""
+
+    dataset: Literal["imagenette", "ilsvrc2012", "ilsvrc2010", "imagefolder"] = "imagenette"
+    root: str | None = None  # DATA=: ILSVRC archives or an ImageFolder tree, or a folder of the bundled files
+    cache_dir: str | None = (
+        None  # extracted archives and stores; default $ALEXNET_CACHE or ~/.cache/alexnet-2012
+    )
+    train_split: str = "train"
+    eval_split: str = "val"  # ilsvrc2010: "test" for Table 1
+    limit_per_class: int = 0  # >0: that many images per class, evenly spaced (quick runs, tests)
+    store_format: Literal["raw", "jpeg"] = "raw"  # raw: exact, 192 KiB an image; jpeg: ~10x smaller
+    jpeg_quality: int = 95
+    image_side: int = 256  # §2
+    draft: bool = True  # JPEG draft mode when preprocessing large photos
+    skip_unreadable: bool = False  # skip and count undecodable images instead of stopping
+    batch_size: int = 128  # §5
+    workers: int = 2  # loader processes
+    prefetch_factor: int = 4  # batches each worker prepares ahead
+    pin_memory: bool = True  # page-locked batches for fast GPU copies (ignored without a GPU)
+    persistent_workers: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 1 or self.workers < 0 or self.limit_per_class < 0:
+            raise ConfigError("batch_size must be >= 1, workers and limit_per_class >= 0")
+
+
+def even_subset(split: Split, per_class: int) -> Split:
+    """`per_class` images of each class at even steps through its sorted list (deterministic)."""
+    by_class: dict[int, list] = {}
+    for ref in split.refs:
+        by_class.setdefault(ref.label, []).append(ref)
+    refs = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        take = min(per_class, len(members))
+        refs += [members[i * len(members) // take] for i in range(take)]
+    return Split(refs, split.classes)
+
+
+def source_split(config: DataConfig, split: str, classes: list[str] | None = None) -> Split:
+    """The listing of `split` from the configured source (nothing decoded yet)."""
+    if config.dataset == "imagenette":
+        folder, bundled = bundled_or_download(
+            "imagenette-224-mini.tar", "imagenette", config.root, config.cache_dir
+        )
+        if not bundled:  # the official archive: take the bundled subset's counts from it
+            result = image_folder(folder / "imagenette2-320", split, classes)
+            result = even_subset(result, IMAGENETTE_PER_CLASS.get(split, 10**9))
+        else:
+            result = image_folder(folder, split, classes)
+    elif config.dataset in ("ilsvrc2012", "ilsvrc2010"):
+        if config.root is None:
+            raise DataError(f"data.dataset={config.dataset} needs data.root (DATA=/path). {IMAGENET_HELP}")
+        result = ilsvrc_split(config.root, split, int(config.dataset[-4:]))
+    else:
+        if config.root is None:
+            raise DataError("data.dataset=imagefolder needs data.root (DATA=/path) holding train/ and val/")
+        result = image_folder(config.root, split, classes)
+    if config.limit_per_class:
+        result = even_subset(result, config.limit_per_class)
+    return result
+
+
+@dataclass
+class Prepared:
+    train: ImageStore
+    eval: ImageStore
+    stats: dict
+    class_names: list[str]
+
+
+def prepare(config: DataConfig, workers: int | None = None) -> Prepared:
+    """Preprocess the train and eval splits (once; resumable) and return their stores."""
+    spec = StoreSpec(
+        config.store_format, config.image_side, config.jpeg_quality, config.draft, config.skip_unreadable
+    )
+    root = cache_dir(config.cache_dir) / "stores"
+    train = source_split(config, config.train_split)
+    evaluation = source_split(config, config.eval_split, train.classes)
+    if evaluation.classes != train.classes:
+        raise DataError(
+            f"the {config.eval_split} split's classes differ from the train split's: mismatched files"
+        )
+    stores = []
+    for name, split in ((config.train_split, train), (config.eval_split, evaluation)):
+        folder = root / f"{config.dataset}-{name}-{fingerprint(split, spec)[:12]}"
+        build_store(
+            split,
+            folder,
+            spec,
+            compute_stats=split is train,
+            workers=workers,
+            description=f"preprocess {config.dataset} {name}",
+        )
+        stores.append(ImageStore(folder))
+    return Prepared(stores[0], stores[1], stores[0].stats(), class_names(train.classes, config.root))
+
+
+class EpochBatches(Sampler):
+    """Batches of (epoch, position, index): a seeded shuffle per epoch, resumable mid-epoch.
+
+    With `world_size` > 1 each rank takes its slice of every global batch (DistributedDataParallel):
+    the global batch, and so the augmentation of each image, is the same for any number of ranks.
+    """
+
+    def __init__(
+        self,
+        count: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
+        self.count, self.batch_size, self.seed, self.shuffle = count, batch_size, seed, shuffle
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.count, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0) - self.start_batch
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.count, generator=generator).tolist()
+        else:
+            order = list(range(self.count))
+        local = self.batch_size // self.world_size
+        for batch in range(self.start_batch, self.start_batch + len(self)):
+            begin = batch * self.batch_size + self.rank * local
+            positions = range(begin, min(begin + local, self.count))
+            yield [(self.epoch, p, order[p]) for p in positions]
+
+
+class StoreDataset(Dataset):
+    """Batches from a store: `mode` train (one random view), centre, or ten_crop (B x 10 views)."""
+
+    def __init__(self, store: ImageStore, augment: Augment, mode: str = "train") -> None:
+        if mode not in ("train", "centre", "ten_crop"):
+            raise ValueError(f"mode {mode!r}: expected train, centre or ten_crop")
+        self.store, self.augment, self.mode = store, augment, mode
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = [index for _, _, index in keys]
+        images = self.store.images(indices)
+        if self.mode == "train":
+            views = self.augment.train(images, [(epoch, position) for epoch, position, _ in keys])
+        else:
+            views = getattr(self.augment, self.mode)(images)
+        return views, self.store.labels[indices]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        views, labels = self.__getitems__([key])
+        return views[0], labels[0]
+
+
+def _whole_batch(batch):
+    """The dataset already returns whole batches (its __getitems__)."""
+    return batch
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # workers do small ops; threads would only contend for the cores
+
+
+def make_loader(dataset: StoreDataset, sampler: EpochBatches, config: DataConfig) -> DataLoader:
+    workers = config.workers
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=_whole_batch,
+        num_workers=workers,
+        pin_memory=config.pin_memory and torch.cuda.is_available(),
+        persistent_workers=config.persistent_workers and workers > 0,
+        prefetch_factor=config.prefetch_factor if workers > 0 else None,
+        worker_init_fn=_one_thread if workers > 0 else None,
+    )

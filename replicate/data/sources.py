@@ -1,0 +1,177 @@
+"""Where data files come from: an explicit path, $ALEXNET_DATA, the bundled folder, or a download.
+
+Archives are verified by checksum and extracted into a cache directory ($ALEXNET_CACHE, else
+~/.cache/alexnet-2012); the folders they are found in are only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The data that ships with this project, beside the checkout on every machine of this workplace.
+BUNDLED_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+class DataError(RuntimeError):
+    """Data that is missing, corrupt or laid out wrongly; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Download:
+    url: str
+    md5: str  # the checksum the publisher gives
+
+
+# The bundled files (../shared/data/SHA256SUMS) and the official archive a user without them gets.
+BUNDLED_SHA256 = {
+    "imagenette-224-mini.tar": "464627c5bef8442181e531d5541294de3096ed24345b243209db03a53b49bce3",
+    "imagenet-samples-200.tar": "41b11b30e0c087974b53a50116b94807121624f7808dbc081bcf4e868abb13b7",
+    "cifar-10-jpeg.tar.gz": "04ef62a077dad2f8bcb72ac8e674362403612762a4a3cf7c3bbe0e17d611e6d7",
+    "cifar-10-subset-python.tar.gz": "23e1a55233feb0192e28ccb78f552fc551f039b2fdd307272cac20300f6fe0a3",
+    "ilsvrc2012-classes.tsv": "c106702a21c2efe941d3002bed05d7231fdeea34e37f6a1b058678a2e0911c51",
+}
+OFFICIAL = {
+    # fastai's Imagenette v2, 320 px shorter side (torchvision.datasets.Imagenette's checksum).
+    "imagenette": Download(
+        "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz", "3df6f0d01a2c9592104656642f5e78a3"
+    ),
+    # The original CIFAR-10 python batches (exact pixels).
+    "cifar10": Download(
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
+    ),
+}
+IMAGENET_HELP = (
+    "ImageNet cannot be downloaded automatically: register at https://image-net.org, download "
+    "ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz into one "
+    "folder (or unpack them into train/<wnid>/ and val/<wnid>/), then run with DATA=/that/folder."
+)
+
+
+def cache_dir(explicit: str | Path | None = None) -> Path:
+    """Where extracted archives, downloads and preprocessed stores go."""
+    path = Path(explicit or os.environ.get("ALEXNET_CACHE") or Path.home() / ".cache" / "alexnet-2012")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def search_dirs(explicit: str | Path | None = None) -> list[Path]:
+    """The folders searched for data files, in order: explicit, $ALEXNET_DATA, bundled."""
+    dirs = []
+    if explicit is not None:
+        if not Path(explicit).is_dir():
+            raise DataError(f"data folder not found: {explicit}")
+        dirs.append(Path(explicit))
+    env = os.environ.get("ALEXNET_DATA")
+    if env:
+        if not Path(env).is_dir():
+            raise DataError(f"$ALEXNET_DATA names a folder that does not exist: {env}")
+        dirs.append(Path(env))
+    if BUNDLED_DIR.is_dir():
+        dirs.append(BUNDLED_DIR)
+    return dirs
+
+
+def find_bundled(name: str, explicit: str | Path | None = None) -> Path | None:
+    """The first copy of bundled file `name` in `search_dirs`, checksum verified; None if absent."""
+    for folder in search_dirs(explicit):
+        path = folder / name
+        if path.is_file():
+            actual = file_digest(path)
+            if actual != BUNDLED_SHA256[name]:
+                raise DataError(
+                    f"{path}: sha256 {actual} does not match the expected "
+                    f"{BUNDLED_SHA256[name]}; the file is corrupt or a different version"
+                )
+            return path
+    return None
+
+
+def download(source: Download, destination: Path) -> Path:
+    """Fetch `source` to `destination` (kept only if its md5 matches)."""
+    if destination.is_file() and file_digest(destination, "md5") == source.md5:
+        return destination
+    partial = destination.with_name(destination.name + ".part")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(source.url, timeout=60) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {destination.name}") as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    bar.update(len(block))
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise DataError(f"download of {source.url} failed: {error}") from None
+    actual = file_digest(partial, "md5")
+    if actual != source.md5:
+        partial.unlink()
+        raise DataError(f"download of {source.url}: md5 {actual} does not match the published {source.md5}")
+    partial.replace(destination)
+    return destination
+
+
+def safe_extract(archive: Path, destination: Path) -> Path:
+    """Extract `archive` into `destination`, refusing members that would land outside it.
+
+    Extracts into a temporary sibling first and renames it into place, so a killed extraction
+    never leaves a half-filled folder that looks complete.
+    """
+    if (destination / ".complete").is_file():
+        return destination
+    staging = destination.with_name(destination.name + ".extracting")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                target = (staging / member.name).resolve()
+                if (
+                    not target.is_relative_to(staging.resolve())
+                    or member.issym()
+                    or member.islnk()
+                    or member.isdev()
+                ):
+                    raise DataError(f"{archive}: refusing unsafe member {member.name!r}")
+            tar.extractall(staging, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    except (tarfile.TarError, EOFError, OSError) as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"{archive}: cannot extract ({error}); the archive is corrupt or truncated") from None
+    (staging / ".complete").write_text(str(archive) + "\n")
+    shutil.rmtree(destination, ignore_errors=True)
+    staging.replace(destination)
+    return destination
+
+
+def bundled_or_download(
+    bundled_name: str, official: str, explicit: str | Path | None = None, cache: str | Path | None = None
+) -> tuple[Path, bool]:
+    """The extracted folder of the bundled archive, else of the official download.
+
+    Returns (folder, is_bundled).
+    """
+    cache = cache_dir(cache)
+    archive = find_bundled(bundled_name, explicit)
+    if archive is not None:
+        stem = bundled_name.split(".")[0]
+        return safe_extract(archive, cache / "extracted" / stem), True
+    source = OFFICIAL[official]
+    name = source.url.rsplit("/", 1)[-1]
+    archive = download(source, cache / "downloads" / name)
+    return safe_extract(archive, cache / "extracted" / name.split(".")[0]), False

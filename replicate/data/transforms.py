@@ -1,0 +1,141 @@
+"""Training augmentation and test-time views (§4.1), on batches of 256x256 uint8 images.
+
+Pixels stay on the paper's scale: 0-255 minus the mean image (§2), never [0, 1] or per-channel
+normalisation: §5's initialisation (biases of 1, weights of std 0.01) assumes it.
+
+Each image's random draws come from a generator keyed by (seed, epoch, position in the epoch),
+so an epoch is the same whatever the number of loader workers or processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from replicate.config import ConfigError, Section
+
+TEN_CROP_NAMES = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
+
+
+@dataclass
+class AugmentConfig(Section):
+    """The §4.1 pipeline; the paper's rule is each default, the 2012 code's an option."""
+
+    crop_size: int = 224  # §4.1: 224 x 224 patches of the 256 x 256 images
+    random_crop: bool = True  # §4.1; false: the centre patch (the no-crop/flip ablation)
+    flip: bool = True  # §4.1: horizontal reflection with probability 0.5
+    crop_chunk: int = 1  # images sharing one crop and flip (the 2012 code, convdata.py: 32)
+    colour_noise: Literal["paper", "code2012", "off"] = "paper"  # §4.1 PCA colour augmentation
+    colour_noise_std: float = 0.1  # §4.1: alpha_i ~ N(0, 0.1)
+    # §2 "mean activity ... from each pixel": the mean image at the crop's own position; the 2012
+    # code subtracts the mean's centre crop from every view (convdata.py, data_mean_crop).
+    mean_crop: Literal["same_position", "centre"] = "same_position"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.crop_chunk < 1:
+            raise ConfigError(f"crop_chunk must be >= 1, got {self.crop_chunk}")
+
+
+def image_rng(seed: int, epoch: int, position: int, stream: int) -> np.random.Generator:
+    """The generator of one image's draws (stream 0: crop and flip; 1: colour noise)."""
+    return np.random.default_rng([seed, epoch, position, stream])
+
+
+def colour_noise(
+    eigenvalues: np.ndarray, eigenvectors: np.ndarray, rng: np.random.Generator, config: AugmentConfig
+) -> np.ndarray:
+    """The RGB shift added to every pixel of one image (§4.1).
+
+    paper: [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T with a_i ~ N(0, 0.1). The formula depends on the unit
+    of the eigenvalues l_i (intensity squared); the paper does not give it. We take l_i of pixel
+    values in [0, 1] and scale the shift back to 0-255, i.e. l_i(0-255) / 255: on the 0-255 scale
+    itself, the first term would have a standard deviation of ~1250 levels (l_1 ~ 12,500),
+    which cannot be what was run; on [0, 1] it is ~5.5 levels and reproduces the widely used
+    ImageNet eigenvalues (0.2175, 0.0188, 0.0045). INFERRED: paper/fidelity.md.
+    code2012 (convdata.py, ColorNoiseMakerThread): V (z * sqrt(l)) * 0.1, z ~ N(0, 1), on 0-255.
+    """
+    if config.colour_noise == "paper":
+        alpha = rng.normal(0.0, config.colour_noise_std, 3)
+        return eigenvectors @ (alpha * eigenvalues / 255.0)
+    z = rng.normal(0.0, 1.0, 3)
+    return eigenvectors @ (z * np.sqrt(eigenvalues)) * config.colour_noise_std
+
+
+def crop_offsets(side: int, crop: int) -> list[tuple[int, int]]:
+    """(top, left) of the 10-crop views' five patches: four corners and the centre (§4.1).
+
+    The 2012 code (convdata.py, __trim_borders) uses the same five: (0,0), (0,32), (32,0),
+    (32,32), (16,16) for 256 -> 224.
+    """
+    far, middle = side - crop, (side - crop) // 2
+    return [(0, 0), (0, far), (far, 0), (far, far), (middle, middle)]
+
+
+class Augment:
+    """Turns uint8 B x S x S x 3 images into float B x 3 x C x C network inputs."""
+
+    def __init__(self, config: AugmentConfig, stats: dict[str, np.ndarray], seed: int = 0) -> None:
+        self.config, self.seed = config, seed
+        self.mean = torch.as_tensor(stats["mean_image"], dtype=torch.float32).permute(2, 0, 1)  # 3 x S x S
+        self.eigenvalues = np.asarray(stats["eigenvalues"], dtype=np.float64)
+        self.eigenvectors = np.asarray(stats["eigenvectors"], dtype=np.float64)
+        self.side = self.mean.shape[-1]
+        self.crop = config.crop_size
+
+    def _centred(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S floats, with the mean image subtracted at every position (§2)."""
+        pixels = images.permute(0, 3, 1, 2).float()
+        return pixels - self.mean if self.config.mean_crop == "same_position" else pixels
+
+    def _finish(self, views: torch.Tensor) -> torch.Tensor:
+        """The 2012 code subtracts the mean's centre crop after cropping (convdata.py, data_mean_crop)."""
+        if self.config.mean_crop == "centre":
+            middle = (self.side - self.crop) // 2
+            views = views - self.mean[:, middle : middle + self.crop, middle : middle + self.crop]
+        return views
+
+    def train(self, images: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Tensor:
+        """One random view per image; `keys` are (epoch, position in the epoch)."""
+        config, pixels = self.config, self._centred(images)
+        out = torch.empty((len(pixels), 3, self.crop, self.crop))
+        span = self.side - self.crop
+        for row, (epoch, position) in enumerate(keys):
+            rng = image_rng(self.seed, epoch, position // config.crop_chunk, 0)
+            top, left = rng.integers(0, span + 1, 2) if config.random_crop else (span // 2, span // 2)
+            flip = config.flip and rng.random() < 0.5
+            view = pixels[row, :, top : top + self.crop, left : left + self.crop]
+            out[row] = view.flip(-1) if flip else view
+        out = self._finish(out)
+        if config.colour_noise != "off":
+            shifts = np.stack(
+                [
+                    colour_noise(
+                        self.eigenvalues, self.eigenvectors, image_rng(self.seed, epoch, position, 1), config
+                    )
+                    for epoch, position in keys
+                ]
+            )
+            out += torch.as_tensor(shifts, dtype=torch.float32)[:, :, None, None]
+            if config.colour_noise == "code2012":
+                out /= 1.0 + config.colour_noise_std  # convdata.py divides the noisy image by 1.1
+        return out
+
+    def centre(self, images: torch.Tensor) -> torch.Tensor:
+        """The centre patch: B x 3 x C x C."""
+        top = (self.side - self.crop) // 2
+        pixels = self._centred(images)
+        return self._finish(pixels[:, :, top : top + self.crop, top : top + self.crop].contiguous())
+
+    def ten_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """§4.1's ten views per image, B x 10 x 3 x C x C: five patches, then their mirrors."""
+        pixels = self._centred(images)
+        patches = [
+            pixels[:, :, top : top + self.crop, left : left + self.crop]
+            for top, left in crop_offsets(self.side, self.crop)
+        ]
+        views = torch.stack(patches + [p.flip(-1) for p in patches], dim=1)
+        return self._finish(views)
