@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Rebuilt when missing or older than pyproject.toml (the dependency list).
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint replicate clean-venv
+.PHONY: install test lint replicate prepare bench-data clean-venv
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ lint: $(STAMP)
 
 replicate: $(STAMP)
 	$(PY) -m replicate replicate $(if $(DATA),data.root=$(DATA))
+
+# Preprocess the data once (§2): the bundled Imagenette subset, or DATA=/path/to/ILSVRC2012.
+prepare: $(STAMP)
+	$(PY) -m replicate prepare experiments/baseline.yaml $(if $(DATA),data.root=$(DATA) data.dataset=ilsvrc2012)
+
+# Data pipeline images/s against a plain torchvision pipeline (BENCHMARKS.md).
+bench-data: $(STAMP)
+	$(PY) -m replicate bench-data
 
 clean-venv:
 	rm -rf $(VENV)

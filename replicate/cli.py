@@ -8,7 +8,10 @@ import sys
 import torch
 import yaml
 
+from replicate import bench_data
 from replicate.config import ConfigError, to_dict
+from replicate.data.loader import prepare
+from replicate.data.sources import DataError
 from replicate.experiment import load_experiment
 from replicate.model import AlexNet
 
@@ -48,6 +51,23 @@ def show_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_data(args: argparse.Namespace) -> int:
+    """Preprocess the configured data set once (§2) and print what was stored."""
+    config = load_experiment(*_split(args))
+    prepared = prepare(config.data)
+    for name, store in (("train", prepared.train), ("eval", prepared.eval)):
+        size = store.manifest["bytes"] / 2**20
+        print(
+            f"{name}: {len(store):,} images, {len(store.classes)} classes, {size:,.0f} MiB in {store.folder}"
+        )
+        if store.manifest["skipped"]:
+            print(f"  skipped {len(store.manifest['skipped'])} unreadable file(s): see manifest.json")
+    stats = prepared.stats
+    print("mean RGB of the mean image:", stats["mean_image"].mean(axis=(0, 1)).round(2).tolist())
+    print("RGB covariance eigenvalues (0-255 scale):", stats["eigenvalues"].round(2).tolist())
+    return 0
+
+
 def replicate(args: argparse.Namespace) -> int:
     print(
         "make replicate: not yet implemented (training and evaluation land with the training issue)",
@@ -62,14 +82,26 @@ def main(argv: list[str] | None = None) -> int:
     for name, handler, help_text in [
         ("config", show_config, "print the resolved config of an experiment"),
         ("model", show_model, "print the network's layers and parameter counts"),
+        ("prepare", prepare_data, "preprocess the data set once into 256x256 stores (§2)"),
         ("replicate", replicate, "the whole pipeline (make replicate)"),
     ]:
         sub = commands.add_parser(name, help=help_text)
         _config_arguments(sub)
         sub.set_defaults(handler=handler)
-    args = parser.parse_args(argv)
+    bench = commands.add_parser(
+        "bench-data", help="data pipeline images/s against torchvision's", add_help=False
+    )
+    bench.set_defaults(handler=None)
+    args, rest = parser.parse_known_args(argv)
     try:
+        if args.command == "bench-data":
+            return bench_data.main(rest)
+        if rest:
+            parser.error(f"unrecognised arguments: {' '.join(rest)}")
         return args.handler(args)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except DataError as error:
+        print(f"data error: {error}", file=sys.stderr)
         return 2

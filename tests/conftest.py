@@ -1,5 +1,10 @@
+import io
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 @pytest.fixture
@@ -7,3 +12,33 @@ def images() -> torch.Tensor:
     """Two 224x224 crops on the paper's pixel scale (0-255 minus a mean: roughly +-128)."""
     generator = torch.Generator().manual_seed(0)
     return torch.rand(2, 3, 224, 224, generator=generator) * 255 - 128
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Every test extracts and preprocesses into its own cache, never ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ALEXNET_CACHE", str(tmp_path_factory.mktemp("cache")))
+    patch.delenv("ALEXNET_DATA", raising=False)
+    yield
+    patch.undo()
+
+
+def encode(pixels: np.ndarray, fmt: str = "JPEG", mode: str | None = None, **options) -> bytes:
+    image = Image.fromarray(pixels)
+    if mode:
+        image = image.convert(mode)
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def write_image_tree(root: Path, split: str, per_class: dict[str, int], size=(40, 30), seed=0) -> None:
+    """root/split/<wnid>/<wnid>_<i>.JPEG, random pixels."""
+    rng = np.random.default_rng(seed)
+    for wnid, count in per_class.items():
+        folder = root / split / wnid
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            (folder / f"{wnid}_{i}.JPEG").write_bytes(encode(pixels))

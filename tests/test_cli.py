@@ -43,3 +43,23 @@ def test_import_and_build_in_a_fresh_interpreter():
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_prepare_command_stores_a_slice_of_the_bundled_subset():
+    result = run("prepare", "experiments/baseline.yaml", "data.limit_per_class=3")
+    assert result.returncode == 0, result.stderr
+    assert "train: 30 images, 10 classes" in result.stdout and "eval: 30 images" in result.stdout
+    assert "RGB covariance eigenvalues" in result.stdout
+
+
+def test_data_errors_are_named_without_a_traceback(tmp_path):
+    result = run("prepare", "experiments/baseline.yaml", "data.dataset=ilsvrc2012", f"data.root={tmp_path}")
+    assert result.returncode == 2
+    assert "data error:" in result.stderr and "ILSVRC2012_img_train.tar" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_data_smoke_mode_runs():
+    result = run("bench-data", "--smoke")
+    assert result.returncode == 0, result.stderr
+    assert "ratio ours/baseline, raw store:" in result.stdout

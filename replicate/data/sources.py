@@ -162,16 +162,24 @@ def safe_extract(archive: Path, destination: Path) -> Path:
 def bundled_or_download(
     bundled_name: str, official: str, explicit: str | Path | None = None, cache: str | Path | None = None
 ) -> tuple[Path, bool]:
-    """The extracted folder of the bundled archive, else of the official download.
+    """The extracted folder of the bundled archive; else of the official archive, taken from the
+    search folders if a copy is there and downloaded otherwise (md5-verified either way).
 
     Returns (folder, is_bundled).
     """
     cache = cache_dir(cache)
-    archive = find_bundled(bundled_name, explicit)
+    archive = find_bundled(bundled_name, explicit) if bundled_name in BUNDLED_SHA256 else None
     if archive is not None:
-        stem = bundled_name.split(".")[0]
-        return safe_extract(archive, cache / "extracted" / stem), True
+        return safe_extract(archive, cache / "extracted" / bundled_name.split(".")[0]), True
     source = OFFICIAL[official]
     name = source.url.rsplit("/", 1)[-1]
-    archive = download(source, cache / "downloads" / name)
+    copies = [folder / name for folder in search_dirs(explicit) if (folder / name).is_file()]
+    if copies:
+        archive = copies[0]
+        if file_digest(archive, "md5") != source.md5:
+            raise DataError(
+                f"{archive}: md5 does not match the published {source.md5}; corrupt or another version"
+            )
+    else:
+        archive = download(source, cache / "downloads" / name)
     return safe_extract(archive, cache / "extracted" / name.split(".")[0]), False

@@ -339,13 +339,11 @@ class ImageStore:
         if self.spec.format == "raw":
             frames = data.reshape(self.count, side, side, 3)
             return torch.from_numpy(np.stack([frames[i] for i in indices]))
-        from torchvision.io import decode_jpeg
-
-        out = torch.empty((len(indices), side, side, 3), dtype=torch.uint8)
+        out = np.empty((len(indices), side, side, 3), dtype=np.uint8)
         for row, i in enumerate(indices):
-            encoded = torch.from_numpy(np.array(data[self.offsets[i] : self.offsets[i + 1]]))
-            out[row] = decode_jpeg(encoded).permute(1, 2, 0)
-        return out
+            encoded = io.BytesIO(data[self.offsets[i] : self.offsets[i + 1]].tobytes())
+            out[row] = np.asarray(Image.open(encoded).convert("RGB"))
+        return torch.from_numpy(out)
 
     def stats(self) -> dict[str, np.ndarray]:
         """The mean image (0-255) and RGB eigenvalues/eigenvectors of a training store (§4.1)."""

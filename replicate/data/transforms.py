@@ -86,30 +86,40 @@ class Augment:
         self.side = self.mean.shape[-1]
         self.crop = config.crop_size
 
-    def _centred(self, images: torch.Tensor) -> torch.Tensor:
-        """B x 3 x S x S floats, with the mean image subtracted at every position (§2)."""
-        pixels = images.permute(0, 3, 1, 2).float()
-        return pixels - self.mean if self.config.mean_crop == "same_position" else pixels
+    def _patch(self, images: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        """B x 3 x C x C floats cut at (top, left), minus the mean image (§2).
 
-    def _finish(self, views: torch.Tensor) -> torch.Tensor:
-        """The 2012 code subtracts the mean's centre crop after cropping (convdata.py, data_mean_crop)."""
+        Cropping the uint8 pixels before converting them keeps the float work to the crop.
+        same_position: the mean at the patch's own position; centre: the mean's centre crop
+        (the 2012 code, convdata.py data_mean_crop).
+        """
         if self.config.mean_crop == "centre":
-            middle = (self.side - self.crop) // 2
-            views = views - self.mean[:, middle : middle + self.crop, middle : middle + self.crop]
-        return views
+            top_mean = left_mean = (self.side - self.crop) // 2
+        else:
+            top_mean, left_mean = top, left
+        pixels = images[:, top : top + self.crop, left : left + self.crop].permute(0, 3, 1, 2).float()
+        return pixels - self.mean[:, top_mean : top_mean + self.crop, left_mean : left_mean + self.crop]
+
+    def _mirror(self, views: torch.Tensor) -> torch.Tensor:
+        """Horizontal reflection; under `centre` the mean is not reflected with the image (2012 code)."""
+        if self.config.mean_crop == "same_position":
+            return views.flip(-1)
+        middle = (self.side - self.crop) // 2
+        mean = self.mean[:, middle : middle + self.crop, middle : middle + self.crop]
+        return (views + mean).flip(-1) - mean
 
     def train(self, images: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Tensor:
         """One random view per image; `keys` are (epoch, position in the epoch)."""
-        config, pixels = self.config, self._centred(images)
-        out = torch.empty((len(pixels), 3, self.crop, self.crop))
+        config = self.config
+        out = torch.empty((len(images), 3, self.crop, self.crop))
         span = self.side - self.crop
         for row, (epoch, position) in enumerate(keys):
             rng = image_rng(self.seed, epoch, position // config.crop_chunk, 0)
-            top, left = rng.integers(0, span + 1, 2) if config.random_crop else (span // 2, span // 2)
+            # §4.1: "a factor of 2048" = 32 x 32 offsets x 2 reflections, so offsets 0..31.
+            top, left = rng.integers(0, span, 2) if config.random_crop else (span // 2, span // 2)
             flip = config.flip and rng.random() < 0.5
-            view = pixels[row, :, top : top + self.crop, left : left + self.crop]
-            out[row] = view.flip(-1) if flip else view
-        out = self._finish(out)
+            view = self._patch(images[row : row + 1], int(top), int(left))[0]
+            out[row] = self._mirror(view) if flip else view
         if config.colour_noise != "off":
             shifts = np.stack(
                 [
@@ -126,16 +136,10 @@ class Augment:
 
     def centre(self, images: torch.Tensor) -> torch.Tensor:
         """The centre patch: B x 3 x C x C."""
-        top = (self.side - self.crop) // 2
-        pixels = self._centred(images)
-        return self._finish(pixels[:, :, top : top + self.crop, top : top + self.crop].contiguous())
+        middle = (self.side - self.crop) // 2
+        return self._patch(images, middle, middle)
 
     def ten_crop(self, images: torch.Tensor) -> torch.Tensor:
         """§4.1's ten views per image, B x 10 x 3 x C x C: five patches, then their mirrors."""
-        pixels = self._centred(images)
-        patches = [
-            pixels[:, :, top : top + self.crop, left : left + self.crop]
-            for top, left in crop_offsets(self.side, self.crop)
-        ]
-        views = torch.stack(patches + [p.flip(-1) for p in patches], dim=1)
-        return self._finish(views)
+        patches = [self._patch(images, top, left) for top, left in crop_offsets(self.side, self.crop)]
+        return torch.stack(patches + [self._mirror(p) for p in patches], dim=1)

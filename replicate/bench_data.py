@@ -1,0 +1,179 @@
+"""`make bench-data`: training-pipeline images/s, this repo's vs a plain torchvision pipeline.
+
+Both read the same full-size ImageNet photos (the bundled imagenet-samples-200) with the same
+number of workers and batch size, in this one process, alternating, several repeats:
+  baseline: ImageFolder + PIL + Resize(256) + RandomCrop(224) + flip + ToTensor + Normalize,
+            decoding and resizing every full-size JPEG every epoch;
+  ours:     the paper's trick (§2): preprocess once to 256x256, then each epoch only reads the store
+            and applies crop + flip + PCA colour noise + mean subtraction (§4.1).
+The one-time preprocessing rate is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision import transforms as T
+
+from replicate.data.imagenet import image_folder
+from replicate.data.loader import DataConfig, EpochBatches, StoreDataset, make_loader
+from replicate.data.sources import DataError, find_bundled
+from replicate.data.store import ImageStore, StoreSpec, build_store
+from replicate.data.transforms import Augment, AugmentConfig
+
+ILSVRC2012_TRAIN = 1_281_167
+
+
+def photo_tree(workdir: Path, limit: int) -> Path:
+    """The bundled full-size photos as an ImageFolder tree, one class per photo."""
+    archive = find_bundled("imagenet-samples-200.tar")
+    if archive is None:
+        raise DataError("bench-data needs imagenet-samples-200.tar (../shared/data or $ALEXNET_DATA)")
+    root = workdir / "photos"
+    with tarfile.open(archive) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)[:limit]
+        for member in members:
+            wnid = Path(member.name).name.split("_")[0]
+            (root / "train" / wnid).mkdir(parents=True, exist_ok=True)
+            (root / "train" / wnid / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+    return root
+
+
+def epoch_rate(loader, count: int) -> float:
+    start = time.perf_counter()
+    seen = sum(len(labels) for _, labels in loader)
+    assert seen == count, f"an epoch saw {seen} images, expected {count}"
+    return count / (time.perf_counter() - start)
+
+
+def run(workers: int, repeats: int, epochs: int, limit: int, batch_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        root = photo_tree(workdir, limit)
+        split = image_folder(root, "train")
+        count = len(split.refs)
+        start = time.perf_counter()
+        store = ImageStore(
+            build_store(
+                split,
+                workdir / "store",
+                StoreSpec(),
+                compute_stats=True,
+                workers=workers,
+                description="preprocess (one-time)",
+            )
+        )
+        preprocess_rate = count / (time.perf_counter() - start)
+        jpeg = ImageStore(
+            build_store(
+                split,
+                workdir / "jpeg",
+                StoreSpec(format="jpeg"),
+                workers=workers,
+                description="preprocess (jpeg store)",
+            )
+        )
+
+        baseline = datasets.ImageFolder(
+            str(root / "train"),
+            T.Compose(
+                [
+                    T.Resize(256),
+                    T.RandomCrop(224),
+                    T.RandomHorizontalFlip(),
+                    T.ToTensor(),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+                ]
+            ),
+        )
+        baseline_loader = DataLoader(
+            baseline, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+        )
+        config = DataConfig(workers=workers, batch_size=batch_size)
+        sampler = EpochBatches(count, batch_size, seed=0)
+        augment = Augment(AugmentConfig(), store.stats())
+        loaders = {
+            "baseline": baseline_loader,
+            "ours": make_loader(StoreDataset(store, augment), sampler, config),
+            "ours_jpeg": make_loader(StoreDataset(jpeg, augment), sampler, config),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in loaders}
+        for loader in loaders.values():
+            epoch_rate(loader, count)  # warm-up: worker start, caches
+        for repeat in range(repeats):
+            for name, loader in loaders.items():
+                total = 0.0
+                for epoch in range(epochs):
+                    sampler.set_epoch(repeat * epochs + epoch)
+                    total += count / epoch_rate(loader, count)
+                rates[name].append(epochs * count / total)
+        jpeg_bytes = jpeg.manifest["bytes"] / count
+        shutil.rmtree(workdir / "store")
+    ratios = {
+        name: [o / b for o, b in zip(rates[name], rates["baseline"], strict=True)]
+        for name in ("ours", "ours_jpeg")
+    }
+    return {
+        "images": count,
+        "workers": workers,
+        "batch_size": batch_size,
+        "preprocess_rate": preprocess_rate,
+        "jpeg_bytes": jpeg_bytes,
+        **rates,
+        "ratios": ratios,
+    }
+
+
+def report(result: dict) -> str:
+    def spread(values: list[float]) -> str:
+        return f"min {min(values):.0f} / median {statistics.median(values):.0f} / max {max(values):.0f}"
+
+    def ratio(values: list[float]) -> str:
+        return f"min {min(values):.2f} / median {statistics.median(values):.2f} / max {max(values):.2f}"
+
+    raw_bytes = 256 * 256 * 3
+    return "\n".join(
+        [
+            f"images: {result['images']} full-size ImageNet photos; workers: {result['workers']}; "
+            f"batch: {result['batch_size']}; torch {torch.__version__}",
+            f"one-time preprocessing to 256x256: {result['preprocess_rate']:.0f} images/s",
+            f"baseline (torchvision ImageFolder + PIL + Resize(256) ...): "
+            f"{spread(result['baseline'])} images/s",
+            f"ours, raw store (256x256 + crop/flip/PCA/mean): {spread(result['ours'])} images/s",
+            f"ours, jpeg store (q95, decoded each epoch): {spread(result['ours_jpeg'])} images/s",
+            f"ratio ours/baseline, raw store: {ratio(result['ratios']['ours'])}  (target >= 3)",
+            f"ratio ours/baseline, jpeg store: {ratio(result['ratios']['ours_jpeg'])}",
+            f"store size per image: raw {raw_bytes:,} B; jpeg {result['jpeg_bytes']:,.0f} B (measured) -> "
+            f"ILSVRC-2012 train (1,281,167 images): raw {raw_bytes * ILSVRC2012_TRAIN / 1e9:.0f} GB, "
+            f"jpeg {result['jpeg_bytes'] * ILSVRC2012_TRAIN / 1e9:.0f} GB",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m replicate bench-data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs over the photos per repeat")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI: no meaningful timing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        result = run(workers=0, repeats=1, epochs=1, limit=8, batch_size=4)
+    else:
+        result = run(args.workers, args.repeats, args.epochs, 200, args.batch_size)
+    print(report(result))
+    return 0

@@ -1,0 +1,166 @@
+import numpy as np
+import pytest
+import torch
+
+from replicate.config import ConfigError
+from replicate.data.imagenet import ImageRef, Split
+from replicate.data.loader import DataConfig, EpochBatches, StoreDataset, make_loader
+from replicate.data.store import ImageStore, StoreSpec, build_store
+from replicate.data.transforms import Augment, AugmentConfig, crop_offsets
+from tests.conftest import encode
+
+SIDE, CROP = 256, 224
+
+
+def position_images(count: int = 1) -> torch.Tensor:
+    """uint8 B x 256 x 256 x 3 whose red is the row, green the column, blue the image index."""
+    rows, cols = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")
+    return torch.stack([torch.stack([rows, cols, torch.full_like(rows, i)], -1) for i in range(count)]).to(
+        torch.uint8
+    )
+
+
+def zero_stats(mean: float = 0.0) -> dict:
+    return {
+        "mean_image": np.full((SIDE, SIDE, 3), mean, np.float32),
+        "eigenvalues": np.array([300.0, 30.0, 3.0]),
+        "eigenvectors": np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0],
+    }
+
+
+def no_noise(**changes) -> AugmentConfig:
+    return AugmentConfig(colour_noise="off", **changes)
+
+
+def test_ten_crop_views_are_the_four_corners_the_centre_and_their_mirrors():
+    views = Augment(no_noise(), zero_stats()).ten_crop(position_images(2))
+    assert views.shape == (2, 10, 3, CROP, CROP)
+    expected = [(0, 0), (0, 32), (32, 0), (32, 32), (16, 16)]  # (top, left); the 2012 code's five
+    assert crop_offsets(SIDE, CROP) == expected
+    for k, (top, left) in enumerate(expected):
+        view = views[1, k]
+        assert (view[0, 0, 0].item(), view[1, 0, 0].item()) == (top, left)  # red = row, green = column
+        assert (view[0, -1, -1].item(), view[1, -1, -1].item()) == (top + CROP - 1, left + CROP - 1)
+        mirror = views[1, 5 + k]
+        assert torch.equal(mirror, view.flip(-1))
+        assert mirror[1, 0, 0].item() == left + CROP - 1  # the mirror's first column is the patch's last
+    assert torch.all(views[1, :, 2] == 1)  # blue: every view comes from image 1
+
+
+def test_centre_crop_is_offset_16():
+    view = Augment(no_noise(), zero_stats()).centre(position_images())[0]
+    assert (view[0, 0, 0].item(), view[1, 0, 0].item()) == (16, 16)
+
+
+def test_mean_image_is_subtracted_at_the_crops_position_or_its_centre():
+    stats = zero_stats()
+    stats["mean_image"] = position_images()[0].numpy().astype(np.float32)  # mean = the image itself
+    same = Augment(no_noise(), stats).ten_crop(position_images())
+    assert torch.all(same == 0)  # every view minus the mean at its own position (mirrored too)
+    centre = Augment(no_noise(mean_crop="centre"), stats).ten_crop(position_images())
+    assert torch.all(centre[0, 4] == 0)  # the centre view minus the centre crop of the mean
+    assert centre[0, 0, 0, 0, 0].item() == -16  # top-left view: row 0 minus the mean's row 16
+    # A mirror under `centre`: the reflected patch minus the (unreflected) centre crop of the mean.
+    image = position_images()[0].permute(2, 0, 1).float()
+    assert torch.equal(centre[0, 5], image[:, :224, :224].flip(-1) - image[:, 16:240, 16:240])
+
+
+def test_random_crops_cover_all_offsets_and_flip_half_the_time():
+    augment = Augment(no_noise(), zero_stats())
+    views = augment.train(position_images(400), [(0, p) for p in range(400)])
+    tops, lefts = views[:, 0, 0, 0], views[:, 1, 0, 0]
+    flipped = views[:, 1, 0, 0] > views[:, 1, 0, -1]
+    lefts = torch.where(flipped, views[:, 1, 0, -1], lefts)
+    # §4.1's factor of 2048 = 32 x 32 x 2: offsets 0..31 on each axis.
+    assert tops.min() == 0 and tops.max() == 31 and lefts.min() == 0 and lefts.max() == 31
+    assert 0.4 < flipped.float().mean() < 0.6
+
+
+def test_the_2012_code_shares_one_crop_per_chunk_of_32_images():
+    augment = Augment(no_noise(crop_chunk=32), zero_stats())
+    views = augment.train(position_images(64), [(0, p) for p in range(64)])
+    corners = views[:, :2, 0, 0]
+    assert torch.all(corners[:32] == corners[0]) and torch.all(corners[32:] == corners[32])
+    assert not torch.equal(corners[0], corners[32])
+
+
+def test_no_crop_no_flip_gives_the_centre_patch():
+    augment = Augment(no_noise(random_crop=False, flip=False), zero_stats())
+    views = augment.train(position_images(20), [(0, p) for p in range(20)])
+    assert torch.equal(views, augment.centre(position_images(20)))
+
+
+def test_paper_colour_noise_is_a_per_image_constant_with_alpha_std_0_1():
+    stats = zero_stats()
+    augment = Augment(AugmentConfig(random_crop=False, flip=False), stats)
+    images = torch.full((1000, SIDE, SIDE, 3), 100, dtype=torch.uint8)
+    shifts = augment.train(images, [(3, p) for p in range(1000)]) - 100
+    per_image = shifts[:, :, 0, 0]
+    corners = shifts[:, :, [0, 0, -1, -1, 100], [0, -1, 0, -1, 50]]
+    assert torch.allclose(corners, per_image[:, :, None].expand_as(corners), atol=1e-4)  # every pixel alike
+    # Undo [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T / 255 to recover the alphas.
+    alphas = (per_image.double().numpy() @ stats["eigenvectors"]) * 255 / stats["eigenvalues"]
+    assert np.all(np.abs(alphas.mean(0)) < 0.01)
+    np.testing.assert_allclose(alphas.std(0), 0.1, rtol=0.08)  # ~3 standard errors at n = 1000
+    assert abs(np.corrcoef(alphas[:, 0], alphas[:, 1])[0, 1]) < 0.1
+
+
+def test_code2012_colour_noise_uses_sqrt_eigenvalues_and_divides_by_1_1():
+    stats = zero_stats()
+    augment = Augment(AugmentConfig(random_crop=False, flip=False, colour_noise="code2012"), stats)
+    images = torch.full((2000, SIDE, SIDE, 3), 110, dtype=torch.uint8)
+    out = augment.train(images, [(0, p) for p in range(2000)])[:, :, 0, 0].double().numpy()
+    noise = out * 1.1 - 110  # (x + V(z sqrt(l)) 0.1) / 1.1
+    z = (noise @ stats["eigenvectors"]) / (np.sqrt(stats["eigenvalues"]) * 0.1)
+    np.testing.assert_allclose(z.std(0), 1.0, rtol=0.06)
+
+
+def test_the_same_keys_give_the_same_views_and_epochs_differ():
+    augment = Augment(AugmentConfig(), zero_stats())
+    images = position_images(8)
+    first = augment.train(images, [(0, p) for p in range(8)])
+    assert torch.equal(first, augment.train(images, [(0, p) for p in range(8)]))
+    assert not torch.equal(first, augment.train(images, [(1, p) for p in range(8)]))
+
+
+def test_bad_augment_options_are_errors():
+    with pytest.raises(ConfigError, match="colour_noise = 'pca'"):
+        AugmentConfig(colour_noise="pca")
+    with pytest.raises(ConfigError, match="crop_chunk must be >= 1"):
+        AugmentConfig(crop_chunk=0)
+
+
+def test_loader_batches_do_not_depend_on_the_number_of_workers(tmp_path):
+    rng = np.random.default_rng(0)
+    refs = []
+    for i in range(24):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(encode(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), "PNG"))
+        refs.append(ImageRef(str(path), i % 3, str(path)))
+    store = ImageStore(
+        build_store(Split(refs, ["a", "b", "c"]), tmp_path / "store", StoreSpec(), True, workers=1)
+    )
+    augment = Augment(AugmentConfig(), store.stats(), seed=5)
+    batches = {}
+    for workers in (0, 2):
+        sampler = EpochBatches(len(store), 8, seed=5)
+        sampler.set_epoch(2)
+        loader = make_loader(StoreDataset(store, augment), sampler, DataConfig(workers=workers, batch_size=8))
+        batches[workers] = list(loader)
+    assert len(batches[0]) == 3
+    for (x0, y0), (x2, y2) in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    assert sorted(torch.cat([y for _, y in batches[0]]).tolist()) == sorted(store.labels.tolist())
+
+
+def test_epoch_batches_shuffle_per_epoch_resume_mid_epoch_and_split_across_ranks():
+    sampler = EpochBatches(10, 4, seed=1)
+    epoch0 = [[index for _, _, index in batch] for batch in sampler]
+    assert sorted(sum(epoch0, [])) == list(range(10)) and [len(b) for b in epoch0] == [4, 4, 2]
+    sampler.set_epoch(1)
+    assert [[i for _, _, i in b] for b in sampler] != epoch0
+    sampler.set_epoch(0, start_batch=1)
+    assert [[i for _, _, i in b] for b in sampler] == epoch0[1:]
+    halves = [EpochBatches(10, 4, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    for whole, first, second in zip(EpochBatches(10, 4, seed=1), *halves, strict=True):
+        assert first + second == whole  # each rank takes its slice of the same global batch
