@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import torch
 import yaml
 
+from analysis.tables import markdown, replication_table
 from replicate import bench_data
 from replicate.config import ConfigError, to_dict
 from replicate.data.loader import prepare
 from replicate.data.sources import DataError
 from replicate.experiment import load_experiment
 from replicate.model import AlexNet
+from replicate.runs import evaluate_runs, run_config
+from replicate.train import TrainingError, default_run_dir, run_training
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,12 +75,52 @@ def prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_command(args: argparse.Namespace) -> int:
+    """Train a config, or continue a run with --resume RUN_DIR (its own config.yaml)."""
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError(
+                "--resume continues a run with its own config.yaml: give no config or overrides"
+            )
+        config = run_config(Path(args.resume))
+    else:
+        config = load_experiment(*_split(args))
+    run_dir = run_training(config, args.resume or args.run_dir, resume=bool(args.resume))
+    print(f"run finished: {run_dir}")
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Evaluate runs (several: an ensemble averaging their softmax, §6)."""
+    runs = [Path(p) for p in args.runs if "=" not in p]
+    overrides = [p for p in args.runs if "=" in p]
+    if not runs:
+        raise ConfigError("evaluate needs at least one run directory")
+    record = evaluate_runs(runs, args.views, args.weights, overrides, args.out)
+    for views, result in record["views"].items():
+        print(
+            f"{views}: top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
+            f"on {result['images']} images ({record['dataset']} {record['split']})"
+        )
+    return 0
+
+
 def replicate(args: argparse.Namespace) -> int:
-    print(
-        "make replicate: not yet implemented (training and evaluation land with the training issue)",
-        file=sys.stderr,
-    )
-    return 2
+    """The whole pipeline: prepare, train (resuming an unfinished run), evaluate, print the table."""
+    config_file, overrides = _split(args)
+    full = any(o.startswith("data.root=") for o in overrides)
+    preset = EXPERIMENTS / ("baseline.yaml" if full else "replicate-bundled.yaml")
+    config = load_experiment(config_file or preset, (["data.dataset=ilsvrc2012"] if full else []) + overrides)
+    run_dir = default_run_dir(config.name, config.train)
+    status = run_dir / "status.json"
+    state = json.loads(status.read_text())["state"] if status.is_file() else None
+    if state != "finished":
+        run_training(config, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())
+    else:
+        print(f"{run_dir} is finished; showing its results (delete it to train again)")
+    print()
+    print(markdown(replication_table(run_dir)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,11 +130,25 @@ def main(argv: list[str] | None = None) -> int:
         ("config", show_config, "print the resolved config of an experiment"),
         ("model", show_model, "print the network's layers and parameter counts"),
         ("prepare", prepare_data, "preprocess the data set once into 256x256 stores (§2)"),
+        ("train", train_command, "train a config (or --resume RUN_DIR)"),
         ("replicate", replicate, "the whole pipeline (make replicate)"),
     ]:
         sub = commands.add_parser(name, help=help_text)
         _config_arguments(sub)
         sub.set_defaults(handler=handler)
+        if name == "train":
+            sub.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly where it stopped")
+            sub.add_argument(
+                "--run-dir", help="where the run goes (default: <train.runs_dir>/<name>/seed<seed>)"
+            )
+    evaluation = commands.add_parser("evaluate", help="evaluate runs; several form an ensemble (§6)")
+    evaluation.add_argument("runs", nargs="+", metavar="RUN_DIR|key=value")
+    evaluation.add_argument(
+        "--views", nargs="+", default=["centre", "ten_crop"], choices=["centre", "ten_crop"]
+    )
+    evaluation.add_argument("--weights", default="last", choices=["last", "best"])
+    evaluation.add_argument("--out", type=Path, help="where evaluation.json goes")
+    evaluation.set_defaults(handler=evaluate_command)
     bench = commands.add_parser(
         "bench-data", help="data pipeline images/s against torchvision's", add_help=False
     )
@@ -105,3 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"data error: {error}", file=sys.stderr)
         return 2
+    except TrainingError as error:
+        print(f"training stopped: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: a checkpoint was saved; continue with `train --resume RUN_DIR`", file=sys.stderr)
+        return 130

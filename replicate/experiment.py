@@ -14,6 +14,9 @@ from typing import Any
 from replicate.config import ConfigError, Section, apply_overrides, from_dict, read_yaml
 from replicate.data.loader import DataConfig
 from replicate.model import ModelConfig
+from replicate.optim import OptimConfig
+from replicate.tracking import TrackingConfig
+from replicate.train import TrainConfig
 
 
 @dataclass
@@ -21,6 +24,9 @@ class ExperimentConfig(Section):
     name: str = "baseline"  # names the run directory and the W&B run
     model: ModelConfig = field(default_factory=ModelConfig)  # the network (§3)
     data: DataConfig = field(default_factory=DataConfig)  # images, preprocessing, augmentation (§2, §4.1)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # the update rule and schedule (§5)
+    train: TrainConfig = field(default_factory=TrainConfig)  # epochs, devices, checkpoints
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # W&B and the local record
 
 
 def resolve_file(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

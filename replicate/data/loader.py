@@ -208,4 +208,7 @@ def make_loader(dataset: StoreDataset, sampler: EpochBatches, config: DataConfig
         persistent_workers=config.persistent_workers and workers > 0,
         prefetch_factor=config.prefetch_factor if workers > 0 else None,
         worker_init_fn=_one_thread if workers > 0 else None,
+        # Its own generator: creating an iterator must not draw from the global RNG (dropout's), or a
+        # resumed run would see a different dropout stream than one never stopped.
+        generator=torch.Generator().manual_seed(0),
     )

@@ -1,0 +1,70 @@
+"""Top-1 and top-5 error with the centre crop or §4.1's ten views, for one net or an ensemble (§6).
+
+§4.1: "averaging the predictions made by the network's softmax layer on the ten patches".
+§6: "averaging the predictions of five similar CNNs": the ensemble averages softmax outputs too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+
+def average_softmax(models: Sequence[nn.Module], views: torch.Tensor) -> torch.Tensor:
+    """Class probabilities averaged over the views (B x V x 3 x H x W, or one view B x 3 x H x W)
+    and over the models."""
+    if views.dim() == 4:
+        views = views.unsqueeze(1)
+    batch, count = views.shape[:2]
+    flat = views.flatten(0, 1)
+    probabilities = [model(flat).softmax(-1).reshape(batch, count, -1).mean(1) for model in models]
+    return torch.stack(probabilities).mean(0)
+
+
+def topk_correct(
+    probabilities: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)
+) -> dict[int, int]:
+    """How many labels are among the k most probable classes, for each k (k capped at the classes)."""
+    ranked = probabilities.argsort(dim=-1, descending=True)
+    hits = ranked == labels[:, None]
+    return {k: int(hits[:, : min(k, probabilities.shape[-1])].any(-1).sum()) for k in ks}
+
+
+@torch.no_grad()
+def evaluate(
+    models: Sequence[nn.Module],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str = "cpu",
+    description: str = "evaluate",
+    total: int | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Top-1/top-5 error (%) and the mean negative log-probability of the true class.
+
+    Under torch.distributed each process evaluates its shard and the counts are summed.
+    """
+    for model in models:
+        model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # images, top-1 hits, top-5 hits, -log p
+    for views, labels in tqdm(
+        batches, desc=description, total=total, unit="batch", disable=not progress, leave=False
+    ):
+        views, labels = views.to(device, non_blocking=True), labels.to(device)
+        probabilities = average_softmax(models, views)
+        labels = labels.to(probabilities.device)
+        hits = topk_correct(probabilities, labels)
+        nll = -probabilities.gather(1, labels[:, None]).clamp_min(1e-12).log().sum()
+        sums += torch.tensor([len(labels), hits[1], hits[5], float(nll)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    images = max(int(sums[0]), 1)
+    return {
+        "images": int(sums[0]),
+        "top1_error": 100 * (1 - float(sums[1]) / images),
+        "top5_error": 100 * (1 - float(sums[2]) / images),
+        "loss": float(sums[3]) / images,
+    }

@@ -1,0 +1,124 @@
+"""The paper's update rule and learning-rate schedule (§5).
+
+§5:  v <- 0.9 v - 0.0005 eps w - eps <dL/dw>;   w <- w + v.
+
+The learning rate eps is inside the velocity. torch.optim.SGD keeps v <- 0.9 v + g + wd w and steps
+w <- w - eps v instead: the same while eps is constant, different after eps drops, when the paper's
+velocity still carries steps of the old eps (they decay with the momentum) whereas SGD's velocity is
+rescaled to the new eps at once. The original code does exactly the paper's
+(src/weights.cu, Weights::update: inc <- mom inc + eps grad - wc eps w; w <- w + inc).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from replicate.config import ConfigError, Section
+
+
+@dataclass
+class OptimConfig(Section):
+    """§5's hyper-parameters; where the paper is silent, the 2012 code's."""
+
+    lr: float = 0.01  # §5: "initialized at 0.01", the same for all layers
+    momentum: float = 0.9  # §5
+    weight_decay: float = 0.0005  # §5
+    bias_lr_scale: float = 2.0  # paper silent; 2012 code: epsB = 2 x epsW (layer-params cfgs)
+    bias_weight_decay: float = 0.0  # paper silent; 2012 code: weight decay (wc) on weights only
+    lr_divisor: float = 10.0  # §5: "divide the learning rate by 10"
+    max_reductions: int = 3  # §5: "reduced three times prior to termination"
+    patience: int = 3  # epochs without a better validation error before dividing (paper: "stopped improving")
+    min_improvement: float = 0.0  # a validation error (percent) must beat the best by more than this
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr <= 0 or self.lr_divisor <= 1 or self.patience < 1:
+            raise ConfigError("lr must be > 0, lr_divisor > 1 and patience >= 1")
+
+
+class PaperSGD(torch.optim.Optimizer):
+    """v <- momentum v - weight_decay lr w - lr g;  w <- w + v  (§5, per parameter group)."""
+
+    def __init__(self, params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0005) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                state = self.state[parameter]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(parameter)
+                velocity = state["velocity"]
+                velocity.mul_(momentum).add_(parameter, alpha=-decay * lr).add_(parameter.grad, alpha=-lr)
+                parameter.add_(velocity)
+        return loss
+
+
+def paper_optimizer(model: nn.Module, config: OptimConfig) -> PaperSGD:
+    """Weights at lr with weight decay; biases at bias_lr_scale x lr with bias_weight_decay."""
+    weights = [p for name, p in model.named_parameters() if not name.endswith("bias")]
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    return PaperSGD(
+        [
+            {"params": weights, "lr": config.lr, "weight_decay": config.weight_decay, "name": "weights"},
+            {
+                "params": biases,
+                "lr": config.lr * config.bias_lr_scale,
+                "weight_decay": config.bias_weight_decay,
+                "name": "biases",
+            },
+        ],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
+class PlateauSchedule:
+    """§5: divide every group's learning rate by 10 when the validation error stops improving,
+    at most `max_reductions` times. `step(error)` once per epoch; True when it divided."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: OptimConfig) -> None:
+        self.optimizer, self.config = optimizer, config
+        self.best = float("inf")
+        self.epochs_without_improvement = 0
+        self.reductions = 0
+
+    def step(self, validation_error: float) -> bool:
+        if validation_error < self.best - self.config.min_improvement:
+            self.best, self.epochs_without_improvement = validation_error, 0
+            return False
+        self.epochs_without_improvement += 1
+        if (
+            self.epochs_without_improvement < self.config.patience
+            or self.reductions >= self.config.max_reductions
+        ):
+            return False
+        for group in self.optimizer.param_groups:
+            group["lr"] /= self.config.lr_divisor
+        self.reductions += 1
+        self.epochs_without_improvement = 0
+        return True
+
+    def state_dict(self) -> dict:
+        return {
+            "best": self.best,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "reductions": self.reductions,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"]
+        self.epochs_without_improvement = state["epochs_without_improvement"]
+        self.reductions = state["reductions"]

@@ -1,0 +1,374 @@
+"""The training loop (§5): steps, per-epoch validation and schedule, checkpoints, resume, guards.
+
+A run is a directory: config.yaml, environment.json, steps.csv, epochs.csv, checkpoints/last.pt
+and best.pt (written atomically), evaluation.json and status.json. `resume=True` continues from
+checkpoints/last.pt exactly: the data order and augmentation are keyed by (seed, epoch, position)
+and the RNG state (dropout) is in the checkpoint, so a killed and resumed run ends with the same
+weights as one never killed (on CPU with train.deterministic=true).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from replicate.config import ConfigError, Section, to_dict
+from replicate.data.loader import EpochBatches, Prepared, StoreDataset, make_loader, prepare
+from replicate.data.transforms import Augment
+from replicate.evaluate import evaluate, topk_correct
+from replicate.model import AlexNet
+from replicate.optim import PaperSGD, PlateauSchedule, paper_optimizer
+from replicate.tracking import Tracker, environment, write_json
+
+
+@dataclass
+class TrainConfig(Section):
+    epochs: int = 90  # §5: "roughly 90 cycles through the training set"
+    seed: int = 0  # data order, augmentation, initialisation, dropout
+    device: str = "auto"  # auto: cuda if available, else cpu
+    model_parallel: bool = False  # the two columns on two GPUs per process (§3.2)
+    deterministic: bool = False  # deterministic algorithms (exact resume on CPU)
+    checkpoint_every: int = 200  # steps between checkpoints (also at every epoch end)
+    log_every: int = 10  # steps between rows of steps.csv
+    eval_views: Literal["centre", "ten_crop"] = "centre"  # per-epoch validation, which drives the schedule
+    final_views: list[str] = field(default_factory=lambda: ["centre", "ten_crop"])  # evaluation.json
+    eval_batch_size: int = 32  # images per evaluation batch (x10 views under ten_crop)
+    runs_dir: str = "runs"  # run directories go to <runs_dir>/<name>/seed<seed>
+    max_steps: int = 0  # >0: stop after this many steps (smoke runs, tests)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, a run directory in the way); the message says why."""
+
+
+@dataclass
+class Position:
+    """Where training is: the next epoch and batch, and the steps taken."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+def default_run_dir(name: str, config: TrainConfig) -> Path:
+    return Path(config.runs_dir) / name / f"seed{config.seed}"
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank), initialising torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world > 1:
+        return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def choose_devices(config: TrainConfig, local_rank: int) -> list[torch.device]:
+    """One device per column under model_parallel (two GPUs per process), else one."""
+    if config.device != "auto":
+        return [torch.device(config.device)]
+    if not torch.cuda.is_available():
+        return [torch.device("cpu")]
+    if config.model_parallel:
+        if torch.cuda.device_count() < 2 * (local_rank + 1):
+            raise TrainingError(
+                f"train.model_parallel needs 2 GPUs per process; {torch.cuda.device_count()} visible"
+            )
+        return [torch.device("cuda", 2 * local_rank), torch.device("cuda", 2 * local_rank + 1)]
+    return [torch.device("cuda", local_rank)]
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
+class StopRequested:
+    """SIGINT (Ctrl-C) sets a flag; the loop saves a checkpoint after the step in progress."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> StopRequested:
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_) -> None:
+        self.requested = True
+
+    def __exit__(self, *_) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class Trainer:
+    def __init__(self, config, run_dir: Path, resume: bool, prepared: Prepared | None = None) -> None:
+        self.config, self.run_dir = config, run_dir
+        self.rank, self.world, local_rank = distributed()
+        train = config.train
+        if train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(train.seed)
+        self.devices = choose_devices(train, local_rank)
+        self.prepared = prepared or self._prepare()
+        classes = len(self.prepared.class_names)
+        if config.model.num_classes != classes:
+            raise ConfigError(
+                f"model.num_classes = {config.model.num_classes} but the data has {classes} classes; "
+                f"set model.num_classes={classes}"
+            )
+        self.model = AlexNet.from_config(config.model, self.devices if len(self.devices) > 1 else None)
+        if len(self.devices) == 1:
+            self.model.to(self.devices[0])
+        self.optimizer: PaperSGD = paper_optimizer(self.model, config.optim)
+        self.schedule = PlateauSchedule(self.optimizer, config.optim)
+        self.position, self.best_error = Position(), math.inf
+        if resume:
+            self._load(run_dir / "checkpoints" / "last.pt")
+        self.network = self.model
+        if self.world > 1:
+            single = self.devices[0] if len(self.devices) == 1 and self.devices[0].type == "cuda" else None
+            self.network = DistributedDataParallel(self.model, device_ids=[single] if single else None)
+        self.augment = Augment(config.data.augment, self.prepared.stats, seed=train.seed)
+        self.sampler = EpochBatches(
+            len(self.prepared.train),
+            config.data.batch_size,
+            train.seed,
+            shuffle=True,
+            rank=self.rank,
+            world_size=self.world,
+        )
+        self.loader = make_loader(StoreDataset(self.prepared.train, self.augment), self.sampler, config.data)
+
+    def _prepare(self) -> Prepared:
+        """Rank 0 preprocesses; the others wait, then open the finished stores."""
+        if self.rank == 0:
+            prepared = prepare(self.config.data)
+        if self.world > 1:
+            dist.barrier()
+        return prepared if self.rank == 0 else prepare(self.config.data)
+
+    def _load(self, path: Path) -> None:
+        if not path.is_file():
+            raise TrainingError(f"{path}: no checkpoint to resume from")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.position = Position(**state["position"])
+        self.best_error = state["best_error"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if torch.cuda.is_available() and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def _state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "position": vars(self.position).copy(),
+            "best_error": self.best_error,
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def checkpoint(self, name: str = "last") -> None:
+        if self.rank == 0:
+            save_atomic(self._state(), self.run_dir / "checkpoints" / f"{name}.pt")
+
+    def evaluate(self, views: str, progress: bool = True) -> dict[str, float]:
+        store = self.prepared.eval
+        sampler = EpochBatches(
+            len(store),
+            self.config.train.eval_batch_size,
+            shuffle=False,
+            rank=self.rank,
+            world_size=self.world,
+        )
+        loader = make_loader(
+            StoreDataset(store, self.augment, views),
+            sampler,
+            replace(self.config.data, persistent_workers=False),
+        )
+        return evaluate(
+            [self.model],
+            loader,
+            self.devices[0],
+            f"evaluate {views}",
+            len(sampler),
+            progress and self.rank == 0,
+        )
+
+    def run(self, tracker: Tracker | None) -> None:
+        train, position = self.config.train, self.position
+        with StopRequested() as stop:
+            while position.epoch < train.epochs:
+                self.sampler.set_epoch(position.epoch, position.batch)
+                self._epoch(tracker, stop)
+                if stop.requested or (train.max_steps and position.step >= train.max_steps):
+                    self.checkpoint()
+                    if stop.requested:
+                        raise KeyboardInterrupt
+                    return
+                self._end_epoch(tracker)
+
+    def _epoch(self, tracker: Tracker | None, stop: StopRequested) -> None:
+        train, position = self.config.train, self.position
+        self.network.train()
+        bar = tqdm(
+            total=len(self.sampler) + position.batch,
+            initial=position.batch,
+            unit="batch",
+            desc=f"epoch {position.epoch + 1}/{train.epochs}",
+            disable=self.rank != 0,
+            leave=False,
+        )
+        start, seen = time.perf_counter(), 0
+        for views, labels in self.loader:
+            views, labels = views.to(self.devices[0], non_blocking=True), labels.to(self.devices[0])
+            logits = self.network(views)
+            labels = labels.to(logits.device)
+            loss = F.cross_entropy(logits, labels)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at step {position.step + 1} (epoch {position.epoch + 1}, "
+                    f"batch {position.batch + 1}); stopped. The last good checkpoint is "
+                    f"{self.run_dir / 'checkpoints' / 'last.pt'} (try a lower optim.lr)"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            position.step, position.batch = position.step + 1, position.batch + 1
+            seen += len(labels) * self.world
+            bar.update()
+            if position.step % train.log_every == 0 and tracker is not None:
+                errors = topk_correct(logits.detach().softmax(-1), labels, (1,))
+                rate = seen / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+                tracker.log_step(
+                    {
+                        "step": position.step,
+                        "epoch": position.epoch,
+                        "batch": position.batch,
+                        "loss": loss.item(),
+                        "top1_error": 100 * (1 - errors[1] / len(labels)),
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "images_per_s": rate,
+                    }
+                )
+            if position.step % train.checkpoint_every == 0:
+                self.checkpoint()
+            if stop.requested or (train.max_steps and position.step >= train.max_steps):
+                break
+        bar.close()
+
+    def _end_epoch(self, tracker: Tracker | None) -> None:
+        position = self.position
+        metrics = self.evaluate(self.config.train.eval_views)
+        reduced = self.schedule.step(metrics["top1_error"])
+        position.epoch, position.batch = position.epoch + 1, 0
+        improved = metrics["top1_error"] < self.best_error
+        if improved:
+            self.best_error = metrics["top1_error"]
+        if tracker is not None:
+            tracker.log_epoch(
+                {
+                    "epoch": position.epoch,
+                    "step": position.step,
+                    "val_top1_error": metrics["top1_error"],
+                    "val_top5_error": metrics["top5_error"],
+                    "val_loss": metrics["loss"],
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "lr_reduced": reduced,
+                    "lr_reductions": self.schedule.reductions,
+                },
+                position.step,
+            )
+            stalled = position.epoch >= 2 and metrics["loss"] > 0.99 * math.log(self.config.model.num_classes)
+            if stalled:
+                print(
+                    f"warning: validation loss {metrics['loss']:.3f} is still at chance (ln C) after "
+                    f"{position.epoch} epochs: check the input scale (0-255 minus the mean image, §2)"
+                )
+        self.checkpoint()
+        if improved:
+            self.checkpoint("best")
+
+
+def write_status(run_dir: Path, state: str, message: str = "") -> None:
+    write_json(run_dir / "status.json", {"state": state, "message": message, "time": time.strftime("%F %T")})
+
+
+def run_training(config, run_dir: Path | None = None, resume: bool = False) -> Path:
+    """Train (or resume) one run and evaluate it; returns the run directory."""
+    run_dir = Path(run_dir or default_run_dir(config.name, config.train))
+    if resume:
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise TrainingError(f"{run_dir}: not a run directory (no config.yaml)")
+    elif (run_dir / "checkpoints").is_dir():
+        raise TrainingError(
+            f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose "
+            "another name, seed or train.runs_dir"
+        )
+    trainer = Trainer(config, run_dir, resume)
+    tracker = None
+    if trainer.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        write_json(run_dir / "environment.json", environment([str(d) for d in trainer.devices]))
+        tracker = Tracker(run_dir, config.tracking, config.name, to_dict(config), config.train.seed, resume)
+        if resume:  # rows logged after the checkpoint will be logged again
+            tracker.steps.truncate_after("step", trainer.position.step)
+            tracker.epochs.truncate_after("step", trainer.position.step)
+        write_status(run_dir, "running")
+    try:
+        trainer.run(tracker)
+        results = {views: trainer.evaluate(views) for views in config.train.final_views}
+    except KeyboardInterrupt:
+        if trainer.rank == 0:
+            write_status(
+                run_dir,
+                "interrupted",
+                f"stopped by Ctrl-C at step {trainer.position.step}; resume with --resume {run_dir}",
+            )
+            tracker.finish(failed=True)
+        raise
+    except TrainingError as error:
+        if trainer.rank == 0:
+            write_status(run_dir, "failed", str(error))
+            tracker.finish(failed=True)
+        raise
+    if trainer.rank == 0:
+        write_json(
+            run_dir / "evaluation.json",
+            {
+                "dataset": config.data.dataset,
+                "split": config.data.eval_split,
+                "step": trainer.position.step,
+                "epoch": trainer.position.epoch,
+                "views": results,
+                "weights": "last",
+            },
+        )
+        tracker.summary({f"{views}/{k}": v for views, r in results.items() for k, v in r.items()})
+        tracker.finish()
+        write_status(run_dir, "finished")
+    return run_dir

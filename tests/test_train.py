@@ -1,0 +1,202 @@
+"""Training runs as a user runs them: `python -m replicate train` in a subprocess, on a tiny slice
+of the bundled Imagenette subset (2 images per class, batch 8)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from replicate.data.sources import BUNDLED_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")]
+
+TINY = [
+    "model.num_classes=10",
+    "data.limit_per_class=2",
+    "data.batch_size=8",
+    "data.workers=0",
+    "train.eval_batch_size=20",
+    "train.deterministic=true",
+    "train.checkpoint_every=1",
+    "train.log_every=1",
+    "tracking.wandb=off",
+]
+
+
+def train(runs: Path, *overrides: str, wait: bool = True, env: dict | None = None):
+    command = [
+        sys.executable,
+        "-m",
+        "replicate",
+        "train",
+        "experiments/baseline.yaml",
+        *TINY,
+        f"train.runs_dir={runs}",
+        *overrides,
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    if not wait:
+        return process
+    out, err = process.communicate(timeout=600)
+    return process.returncode, out, err
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
+    steps, deadline = run_dir / "steps.csv", time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if steps.is_file() and len(steps.read_text().splitlines()) > step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {step}: {process.communicate()[1][-2000:]}")
+
+
+def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
+    code, _, err = train(tmp_path / "whole", "train.epochs=2")
+    assert code == 0, err
+    whole = tmp_path / "whole" / "baseline" / "seed0"
+    process = train(tmp_path / "killed", "train.epochs=2", wait=False)
+    killed = tmp_path / "killed" / "baseline" / "seed0"
+    wait_for_step(killed, 5, process)  # logged step 5: checkpoint 4 or 5, mid-way through epoch 2 (3 batches)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
+    assert state["position"]["epoch"] == 1 and 0 < state["position"]["batch"] < 3, state["position"]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "replicate", "train", "--resume", str(killed)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    for name, tensor in weights(whole).items():
+        assert torch.equal(tensor, weights(killed)[name]), name
+    # The record is whole too: every step once, both epochs, the same metrics.
+    steps = pd.read_csv(killed / "steps.csv")
+    assert steps["step"].tolist() == list(range(1, 7))
+    pd.testing.assert_frame_equal(pd.read_csv(killed / "epochs.csv"), pd.read_csv(whole / "epochs.csv"))
+    assert json.loads((killed / "status.json").read_text())["state"] == "finished"
+    evaluation = json.loads((killed / "evaluation.json").read_text())
+    assert (
+        set(evaluation["views"]) == {"centre", "ten_crop"} and evaluation["views"]["ten_crop"]["images"] == 20
+    )
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    code, _, err = train(tmp_path, "optim.lr=1e12", "train.epochs=3")
+    assert code == 1
+    assert "the loss became nan" in err or "the loss became inf" in err
+    run_dir = tmp_path / "baseline" / "seed0"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "last good checkpoint" in status["message"]
+    failing_step = int(err.split(" at step ")[1].split()[0])
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["position"]["step"] == failing_step - 1  # the failing step's update was never saved
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    process = train(tmp_path, "train.epochs=3", wait=False)
+    run_dir = tmp_path / "baseline" / "seed0"
+    wait_for_step(run_dir, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "checkpoint was saved" in err
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["position"]["step"]
+    assert stopped_at >= 2
+    again = train(tmp_path)
+    assert again[0] == 1 and "already holds a run: resume it with --resume" in again[2]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "replicate", "train", "--resume", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert pd.read_csv(run_dir / "steps.csv")["step"].tolist() == list(range(1, 10))
+
+
+def test_wandb_offline_logs_the_run_and_never_writes_the_api_key(tmp_path):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    code, _, err = train(
+        tmp_path,
+        "train.max_steps=2",
+        "tracking.wandb=offline",
+        "tracking.variant=lrn",
+        env={"WANDB_API_KEY": secret, "WANDB_SILENT": "true"},
+    )
+    assert code == 0, err
+    run_dir = tmp_path / "baseline" / "seed0"
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline, "W&B offline run directory missing (syncable later with `wandb sync`)"
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"API key written to {path}"
+    assert (run_dir / "wandb_id.txt").is_file() and (run_dir / "steps.csv").is_file()
+
+
+def test_make_replicate_style_run_ends_with_a_labelled_table(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "replicate",
+            "replicate",
+            "data.limit_per_class=2",
+            "data.batch_size=8",
+            "data.workers=0",
+            "train.epochs=1",
+            "train.eval_batch_size=20",
+            f"train.runs_dir={tmp_path}",
+            "tracking.wandb=off",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "NOT comparable with the paper" in result.stdout
+    assert "| paper (§6, Table 2, 1 CNN, ilsvrc2012 val) | 10 crops (§4.1) | 40.7 | 18.2 |" in result.stdout
+    assert "10 crops" in result.stdout and "centre crop" in result.stdout
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "replicate",
+            "replicate",
+            "data.limit_per_class=2",
+            "data.batch_size=8",
+            "data.workers=0",
+            "train.epochs=1",
+            "train.eval_batch_size=20",
+            f"train.runs_dir={tmp_path}",
+            "tracking.wandb=off",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0 and "is finished; showing its results" in again.stdout
