@@ -1,0 +1,51 @@
+import torch
+from torch import nn
+
+from replicate.evaluate import average_softmax, evaluate, topk_correct
+
+
+class MeanColour(nn.Module):
+    """A tiny 'network': logits are a fixed linear map of the mean colour of the view."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return views.mean((2, 3)) @ self.weight.T
+
+
+def by_hand(models, views):
+    """softmax per model and view, averaged over views, then over models: loops only."""
+    out = torch.zeros(views.shape[0], 4)
+    for b in range(views.shape[0]):
+        for model in models:
+            for v in range(views.shape[1]):
+                out[b] += torch.softmax(model(views[b, v : v + 1])[0], 0) / (views.shape[1] * len(models))
+    return out
+
+
+def test_ten_crop_and_ensemble_average_the_softmax_by_hand():
+    generator = torch.Generator().manual_seed(0)
+    views = torch.randn(6, 10, 3, 8, 8, generator=generator)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    models = [MeanColour(1), MeanColour(2)]
+    expected = by_hand(models, views)
+    torch.testing.assert_close(average_softmax(models, views), expected)
+    # Not the same as averaging logits, and not the same as one view: the test can tell them apart.
+    assert not torch.allclose(expected, by_hand(models, views[:, :1]))
+    result = evaluate(models, [(views[:3], labels[:3]), (views[3:], labels[3:])], progress=False)
+    top1 = int((expected.argmax(1) == labels).sum()) / 6
+    top2 = int((expected.topk(2).indices == labels[:, None]).any(1).sum()) / 6
+    assert result["images"] == 6
+    assert abs(result["top1_error"] - 100 * (1 - top1)) < 1e-9
+    assert result["top5_error"] == 0.0  # 4 classes: the true class is always in the top 5
+    nll = -expected[torch.arange(6), labels].log().mean().item()
+    assert abs(result["loss"] - nll) < 1e-5
+    assert topk_correct(expected, labels, (2,))[2] == round(top2 * 6)
+
+
+def test_a_single_view_batch_is_one_view_per_image():
+    views = torch.randn(5, 3, 8, 8)
+    model = MeanColour(3)
+    torch.testing.assert_close(average_softmax([model], views), model(views).softmax(-1))
