@@ -110,3 +110,25 @@ def test_download_with_a_wrong_checksum_keeps_nothing(local_server, tmp_path, mo
     monkeypatch.setitem(sources.OFFICIAL, "cifar10", Download(f"{url}/absent.tgz", "0" * 32))
     with pytest.raises(DataError, match="download of .*absent.tgz failed"):
         bundled_or_download("x", "cifar10", cache=tmp_path / "cache")
+
+
+def test_without_the_bundled_folder_imagenette_comes_from_the_official_archive(
+    local_server, tmp_path, monkeypatch
+):
+    from replicate.data.loader import DataConfig, source_split
+    from tests.conftest import write_image_tree
+
+    served, url = local_server
+    tree = tmp_path / "tree" / "imagenette2-320"
+    write_image_tree(tree, "train", {"n01440764": 4, "n02102040": 3})
+    write_image_tree(tree, "val", {"n01440764": 2, "n02102040": 2})
+    archive = served / "imagenette2-320.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="imagenette2-320")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setattr(sources, "BUNDLED_DIR", tmp_path / "no-bundled-folder")
+    monkeypatch.setitem(sources.OFFICIAL, "imagenette", Download(f"{url}/imagenette2-320.tgz", md5))
+    config = DataConfig(cache_dir=str(tmp_path / "cache"))
+    train = source_split(config, "train")
+    assert train.classes == ["n01440764", "n02102040"] and len(train.refs) == 7
+    assert len(source_split(config, "val", train.classes).refs) == 4

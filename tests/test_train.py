@@ -200,3 +200,18 @@ def test_make_replicate_style_run_ends_with_a_labelled_table(tmp_path):
         timeout=600,
     )
     assert again.returncode == 0 and "is finished; showing its results" in again.stdout
+    # An ensemble of the run with itself averages identical softmax outputs: the single run's errors.
+    run_dir = tmp_path / "replicate-bundled" / "seed0"
+    ensemble = subprocess.run(
+        [sys.executable, "-m", "replicate", "evaluate", str(run_dir), str(run_dir), "--views", "ten_crop"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ensemble.returncode == 0, ensemble.stderr
+    record = json.loads((tmp_path / "replicate-bundled" / "ensemble-of-2" / "evaluation.json").read_text())
+    single = json.loads((run_dir / "evaluation.json").read_text())["views"]["ten_crop"]
+    assert record["runs"] == [str(run_dir)] * 2
+    assert record["views"]["ten_crop"]["top1_error"] == single["top1_error"]
+    assert abs(record["views"]["ten_crop"]["loss"] - single["loss"]) < 1e-4
