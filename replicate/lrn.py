@@ -6,7 +6,9 @@ The paper's formula, with N maps and the sum clipped at the first and last map:
 
 `alpha` here is always the coefficient of one squared activation, as printed in the paper.
 `torch.nn.functional.local_response_norm` instead multiplies alpha by the *mean* of the n squares,
-i.e. it divides alpha by n, so the paper's rule is `local_response_norm(a, n, alpha * n, beta, k)`.
+i.e. it divides alpha by n, so the paper's rule is `local_response_norm(a, n, alpha * n, beta, k)`
+(`reference_response_norm`). `ResponseNorm` computes the same rule with its own autograd function,
+cheaper in time and memory (BENCHMARKS.md); tests hold it equal to the reference and to the formula.
 The original 2012 code divides its configured `scale` by `size` the same way (layer.py, cmrnorm),
 which is why the two rules below differ by a factor n in alpha.
 """
@@ -28,6 +30,56 @@ PAPER_BETA = 0.75
 PAPER_K = 2.0
 
 
+def window_sum(values: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum over `size` adjacent maps (dim 1), clipped at the first and last map, as §3.3 sums."""
+    count = values.shape[1]
+    padded = F.pad(values, (0, 0, 0, 0, size // 2, (size - 1) // 2))
+    total = padded[:, 0:count].clone()
+    for offset in range(1, size):
+        total += padded[:, offset : offset + count]
+    return total
+
+
+def _inverse_power(denominator: torch.Tensor, beta: float) -> torch.Tensor:
+    """denominator ** -beta; for the paper's beta = 0.75 as rsqrt(d) * sqrt(rsqrt(d)), which avoids
+    the exp/log of a general power."""
+    if beta == 0.75:
+        root = denominator.rsqrt()
+        return root * root.sqrt()
+    return denominator.pow(-beta)
+
+
+class _ResponseNormFunction(torch.autograd.Function):
+    """b = a * s^-beta with s = k + alpha * sum a^2; backward in closed form:
+
+    dL/da_i = g_i s_i^-beta - 2 alpha beta a_i sum_{j: i in window(j)} g_j b_j / s_j
+    (an odd window is symmetric, so the j whose window holds i form i's own window).
+    It keeps three tensors for backward instead of the pad/pool/pow chain autograd would keep.
+    """
+
+    @staticmethod
+    def forward(ctx, maps, size: int, alpha: float, beta: float, k: float):
+        denominator = window_sum(maps * maps, size).mul_(alpha).add_(k)
+        scale = _inverse_power(denominator, beta)
+        ctx.save_for_backward(maps, denominator, scale)
+        ctx.size, ctx.alpha, ctx.beta = size, alpha, beta
+        return maps * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        maps, denominator, scale = ctx.saved_tensors
+        through = grad * maps * scale / denominator  # g_j b_j / s_j
+        correction = window_sum(through, ctx.size).mul_(maps).mul_(2 * ctx.alpha * ctx.beta)
+        return grad * scale - correction, None, None, None, None
+
+
+def reference_response_norm(
+    maps: torch.Tensor, size: int, alpha: float, beta: float, k: float
+) -> torch.Tensor:
+    """The same rule through torch's implementation (alpha per squared map: torch divides by size)."""
+    return F.local_response_norm(maps, size, alpha * size, beta, k)
+
+
 class ResponseNorm(nn.Module):
     """b = a / (k + alpha * sum of a^2 over `size` adjacent maps) ** beta, across the maps given.
 
@@ -46,8 +98,9 @@ class ResponseNorm(nn.Module):
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        # torch divides its alpha by size; multiply it back so alpha is per squared activation.
-        return F.local_response_norm(maps, self.size, self.alpha * self.size, self.beta, self.k)
+        if self.size % 2 == 0:  # the closed-form backward assumes a symmetric window
+            return reference_response_norm(maps, self.size, self.alpha, self.beta, self.k)
+        return _ResponseNormFunction.apply(maps, self.size, self.alpha, self.beta, self.k)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha:g} (per squared map), beta={self.beta}, k={self.k}"

@@ -65,3 +65,35 @@ def test_gradient_matches_loop_formula(maps):
     expected = maps.detach().clone().requires_grad_()
     (lrn_by_loop(expected, 5, 1e-4, 0.75, 2.0) ** 2).sum().backward()
     torch.testing.assert_close(maps.grad, expected.grad)
+
+
+@pytest.mark.parametrize("beta", [0.75, 0.6])
+def test_fast_path_equals_torch_reference_in_value_and_gradient(beta):
+    from replicate.lrn import reference_response_norm
+
+    maps = (torch.randn(3, 13, 6, 6, dtype=torch.float64) * 60).requires_grad_()
+    fast = ResponseNorm(5, 1e-4, beta, 2.0)(maps)
+    reference = reference_response_norm(maps, 5, 1e-4, beta, 2.0)
+    torch.testing.assert_close(fast, reference)
+    upstream = torch.randn_like(fast)
+    (fast_grad,) = torch.autograd.grad(fast, maps, upstream)
+    (reference_grad,) = torch.autograd.grad(reference, maps, upstream)
+    torch.testing.assert_close(fast_grad, reference_grad)
+    assert torch.autograd.gradcheck(
+        lambda m: ResponseNorm(5, 1e-4, beta, 2.0)(m), (maps[:1, :7, :2, :2].detach().requires_grad_(),)
+    )
+
+
+def test_fast_path_in_float32_matches_the_reference():
+    from replicate.lrn import reference_response_norm
+
+    maps = (torch.rand(4, 48, 9, 9) * 150).requires_grad_()
+    fast, reference = ResponseNorm()(maps), reference_response_norm(maps, 5, 1e-4, 0.75, 2.0)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(fast)
+    torch.testing.assert_close(
+        torch.autograd.grad(fast, maps, upstream)[0],
+        torch.autograd.grad(reference, maps, upstream)[0],
+        rtol=1e-4,
+        atol=1e-6,
+    )
