@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Rebuilt when missing or older than pyproject.toml (the dependency list).
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint replicate prepare bench-data clean-venv
+.PHONY: install test lint replicate prepare bench bench-data clean-venv
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ replicate: $(STAMP)
 # Preprocess the data once (§2): the bundled Imagenette subset, or DATA=/path/to/ILSVRC2012.
 prepare: $(STAMP)
 	$(PY) -m replicate prepare experiments/baseline.yaml $(if $(DATA),data.root=$(DATA) data.dataset=ilsvrc2012)
+
+# The network's training and 10-crop images/s against torchvision's alexnet (BENCHMARKS.md).
+bench: $(STAMP)
+	$(PY) -m replicate bench
 
 # Data pipeline images/s against a plain torchvision pipeline (BENCHMARKS.md).
 bench-data: $(STAMP)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from analysis.tables import markdown, replication_table
-from replicate import bench_data
+from replicate import bench_data, bench_model
 from replicate.config import ConfigError, to_dict
 from replicate.data.loader import prepare
 from replicate.data.sources import DataError
@@ -149,14 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--weights", default="last", choices=["last", "best"])
     evaluation.add_argument("--out", type=Path, help="where evaluation.json goes")
     evaluation.set_defaults(handler=evaluate_command)
-    bench = commands.add_parser(
-        "bench-data", help="data pipeline images/s against torchvision's", add_help=False
-    )
-    bench.set_defaults(handler=None)
+    for name, help_text in (("bench-data", "data pipeline images/s against torchvision's"),
+                            ("bench", "network training and 10-crop images/s against torchvision's alexnet")):
+        commands.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "bench-data":
             return bench_data.main(rest)
+        if args.command == "bench":
+            return bench_model.main(rest)
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
         return args.handler(args)

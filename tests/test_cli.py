@@ -63,3 +63,11 @@ def test_bench_data_smoke_mode_runs():
     result = run("bench-data", "--smoke")
     assert result.returncode == 0, result.stderr
     assert "ratio ours/baseline, raw store:" in result.stdout
+
+
+def test_bench_smoke_mode_runs_and_counts_multiply_adds():
+    result = run("bench", "--smoke")
+    assert result.returncode == 0, result.stderr
+    assert "replicate AlexNet: 0.724 G multiply-adds" in result.stdout
+    assert "torchvision alexnet: 0.714 G multiply-adds" in result.stdout
+    assert "train ratio replicate/torchvision:" in result.stdout

@@ -288,3 +288,13 @@ def test_tanh_variant_uses_tanh_everywhere():
 def test_bad_variants_are_named_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
         AlexNet(**{"num_classes": 10, **bad})
+
+
+def test_multiply_adds_match_the_layer_arithmetic():
+    from replicate.bench_model import multiply_adds
+
+    # Per image, both columns: conv1 55*55*96*363, conv2 27*27*256*1200, conv3 13*13*384*2304,
+    # conv4 13*13*384*1728, conv5 13*13*256*1728, FC 9216*4096 + 4096*4096 + 4096*1000.
+    expected = (55 * 55 * 96 * 363 + 27 * 27 * 256 * 1200 + 13 * 13 * 384 * 2304 + 13 * 13 * 384 * 1728
+                + 13 * 13 * 256 * 1728 + 9216 * 4096 + 4096 * 4096 + 4096 * 1000)
+    assert multiply_adds(AlexNet()) == expected
