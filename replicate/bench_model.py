@@ -84,38 +84,60 @@ def run(device: torch.device, batch: int, repeats: int, steps: int, channels_las
             for _ in range(steps):
                 models[name].eval()(views).softmax(-1)
 
-    rates: dict[str, dict[str, list[float]]] = {"train": {n: [] for n in models}, "ten_crop": {n: [] for n in models}}
+    rates: dict[str, dict[str, list[float]]] = {
+        "train": {n: [] for n in models},
+        "ten_crop": {n: [] for n in models},
+    }
     for name in models:  # warm-up: allocator, kernels, first-touch
         train_steps(name)
         evaluate_views(name)
     for _ in range(repeats):
         for name in models:
             rates["train"][name].append(steps * batch / timed(lambda n=name: train_steps(n), device))
-            rates["ten_crop"][name].append(steps * len(views) / 10 / timed(lambda n=name: evaluate_views(n), device))
-    return {"device": str(device), "batch": batch, "channels_last": channels_last, "rates": rates,
-            "macs": {name: multiply_adds(model.cpu().float()) for name, model in contenders(torch.device("cpu"), False).items()}}
+            rates["ten_crop"][name].append(
+                steps * len(views) / 10 / timed(lambda n=name: evaluate_views(n), device)
+            )
+    return {
+        "device": str(device),
+        "batch": batch,
+        "channels_last": channels_last,
+        "rates": rates,
+        "macs": {
+            name: multiply_adds(model.cpu().float())
+            for name, model in contenders(torch.device("cpu"), False).items()
+        },
+    }
 
 
 def report(result: dict) -> str:
-    lines = [f"device: {result['device']}; batch {result['batch']}; channels_last {result['channels_last']}; "
-             f"torch {torch.__version__}; threads {torch.get_num_threads()}"]
+    lines = [
+        f"device: {result['device']}; batch {result['batch']}; channels_last {result['channels_last']}; "
+        f"torch {torch.__version__}; threads {torch.get_num_threads()}"
+    ]
     for name, macs in result["macs"].items():
         lines.append(f"{name}: {macs / 1e9:.3f} G multiply-adds per 224x224 image")
     mine, theirs = "replicate AlexNet", "torchvision alexnet"
     for phase, unit in (("train", "training images/s (fwd+bwd+step)"), ("ten_crop", "10-crop images/s")):
         rates = result["rates"][phase]
         for name, values in rates.items():
-            lines.append(f"{phase:>8} {name:<20} {unit}: min {min(values):.1f} / median "
-                         f"{statistics.median(values):.1f} / max {max(values):.1f}")
+            lines.append(
+                f"{phase:>8} {name:<20} {unit}: min {min(values):.1f} / median "
+                f"{statistics.median(values):.1f} / max {max(values):.1f}"
+            )
         ratios = [a / b for a, b in zip(rates[mine], rates[theirs], strict=True)]
-        lines.append(f"{phase:>8} ratio replicate/torchvision: min {min(ratios):.2f} / median "
-                     f"{statistics.median(ratios):.2f} / max {max(ratios):.2f}  (target >= 1.2)")
+        lines.append(
+            f"{phase:>8} ratio replicate/torchvision: min {min(ratios):.2f} / median "
+            f"{statistics.median(ratios):.2f} / max {max(ratios):.2f}  (target >= 1.2)"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replicate bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m replicate bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)

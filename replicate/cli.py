@@ -42,7 +42,7 @@ def show_config(args: argparse.Namespace) -> int:
 
 
 def show_model(args: argparse.Namespace) -> int:
-    """The network layer by layer: output shape and parameters, for one crop."""
+    """The network layer by layer: kernels or units and parameters, column by column."""
     config = load_experiment(*_split(args))
     model = AlexNet.from_config(config.model).eval()
     print(f"{'column':<8}{'layer':<8}{'kernels/units':>16}{'parameters':>14}")
@@ -149,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--weights", default="last", choices=["last", "best"])
     evaluation.add_argument("--out", type=Path, help="where evaluation.json goes")
     evaluation.set_defaults(handler=evaluate_command)
-    for name, help_text in (("bench-data", "data pipeline images/s against torchvision's"),
-                            ("bench", "network training and 10-crop images/s against torchvision's alexnet")):
+    for name, help_text in (
+        ("bench-data", "data pipeline images/s against torchvision's"),
+        ("bench", "network training and 10-crop images/s against torchvision's alexnet"),
+    ):
         commands.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
     try:
@@ -171,5 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training stopped: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: a checkpoint was saved; continue with `train --resume RUN_DIR`", file=sys.stderr)
+        print(
+            "interrupted: the work done is kept (training saved a checkpoint; preprocessing its progress); "
+            "run the same command again, or `train --resume RUN_DIR`",
+            file=sys.stderr,
+        )
         return 130

@@ -48,6 +48,14 @@ class TrainConfig(Section):
     runs_dir: str = "runs"  # run directories go to <runs_dir>/<name>/seed<seed>
     max_steps: int = 0  # >0: stop after this many steps (smoke runs, tests)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [v for v in self.final_views if v not in ("centre", "ten_crop")]
+        if unknown:  # found now, not after hours of training
+            raise ConfigError(f"final_views: {unknown[0]!r} is not one of ['centre', 'ten_crop']")
+        if self.epochs < 1 or self.checkpoint_every < 1 or self.log_every < 1 or self.eval_batch_size < 1:
+            raise ConfigError("epochs, checkpoint_every, log_every and eval_batch_size must be >= 1")
+
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, a run directory in the way); the message says why."""

@@ -33,6 +33,9 @@ def test_overrides_are_typed_and_nested():
         (["model.dropout_p=2"], "model.dropout_p must be in"),
         (["model.lrn"], "not of the form key=value"),
         (["model=3"], "model: expected a mapping"),
+        (["train.final_views=[centre, tencrop]"], "final_views: 'tencrop' is not one of"),
+        (["data.augment.colour_noise=pca"], "data.augment.colour_noise = 'pca' is not one of"),
+        (["optim.patience=0"], "optim.patience >= 1|patience >= 1"),
     ],
 )
 def test_bad_keys_and_values_name_the_key_and_file(overrides, message):
