@@ -164,3 +164,8 @@ def test_epoch_batches_shuffle_per_epoch_resume_mid_epoch_and_split_across_ranks
     halves = [EpochBatches(10, 4, seed=1, rank=r, world_size=2) for r in (0, 1)]
     for whole, first, second in zip(EpochBatches(10, 4, seed=1), *halves, strict=True):
         assert first + second == whole  # each rank takes its slice of the same global batch
+
+
+def test_a_global_batch_that_does_not_split_across_processes_is_a_named_error():
+    with pytest.raises(ConfigError, match="data.batch_size 128 is not divisible by 3 processes"):
+        EpochBatches(100, 128, world_size=3)

@@ -138,7 +138,7 @@ class EpochBatches(Sampler):
         world_size: int = 1,
     ) -> None:
         if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
+            raise ConfigError(f"data.batch_size {batch_size} is not divisible by {world_size} processes")
         self.count, self.batch_size, self.seed, self.shuffle = count, batch_size, seed, shuffle
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch, self.start_batch = 0, 0
