@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Rebuilt when missing or older than pyproject.toml (the dependency list).
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint replicate prepare bench bench-data clean-venv
+.PHONY: install test lint replicate ablations prepare bench bench-data clean-venv
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 replicate: $(STAMP)
 	$(PY) -m replicate replicate $(if $(DATA),data.root=$(DATA))
+
+# The paper's ablations, 3 seeds each: the bundled preset, or DATA=/path/to/ILSVRC2012 for the full one.
+ablations: $(STAMP)
+	$(PY) -m replicate ablate $(if $(DATA),--preset full data.root=$(DATA),--preset bundled)
 
 # Preprocess the data once (§2): the bundled Imagenette subset, or DATA=/path/to/ILSVRC2012.
 prepare: $(STAMP)

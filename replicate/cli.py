@@ -12,6 +12,7 @@ import yaml
 
 from analysis.tables import markdown, replication_table
 from replicate import bench_data, bench_model
+from replicate.ablate import PRESETS, run_sweep
 from replicate.config import ConfigError, to_dict
 from replicate.data.loader import prepare
 from replicate.data.sources import DataError
@@ -123,6 +124,20 @@ def replicate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _integers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def ablate_command(args: argparse.Namespace) -> int:
+    """The baseline and the ablations, every seed; finished runs skipped, unfinished resumed."""
+    root = run_sweep(args.preset, args.seeds, args.overrides, args.only)
+    print(f"sweep complete: {root}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m replicate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--weights", default="last", choices=["last", "best"])
     evaluation.add_argument("--out", type=Path, help="where evaluation.json goes")
     evaluation.set_defaults(handler=evaluate_command)
+    ablation = commands.add_parser("ablate", help="the paper's ablations, configs x seeds (make ablations)")
+    ablation.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
+    ablation.add_argument("--preset", default="bundled", choices=list(PRESETS))
+    ablation.add_argument("--seeds", type=_integers, default=[0, 1, 2], help="comma-separated, e.g. 0,1,2")
+    ablation.add_argument(
+        "--only",
+        type=lambda text: text.split(","),
+        metavar="NAME[,NAME...]",
+        help="these ablation configs only",
+    )
+    ablation.set_defaults(handler=ablate_command)
     for name, help_text in (
         ("bench-data", "data pipeline images/s against torchvision's"),
         ("bench", "network training and 10-crop images/s against torchvision's alexnet"),

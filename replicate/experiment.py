@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from replicate.ablate import AblationConfig
 from replicate.config import ConfigError, Section, apply_overrides, from_dict, read_yaml
 from replicate.data.loader import DataConfig
 from replicate.model import ModelConfig
@@ -27,6 +28,7 @@ class ExperimentConfig(Section):
     optim: OptimConfig = field(default_factory=OptimConfig)  # the update rule and schedule (§5)
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs, devices, checkpoints
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # W&B and the local record
+    ablation: AblationConfig = field(default_factory=AblationConfig)  # the paper claim a variant tests
 
 
 def resolve_file(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

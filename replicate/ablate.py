@@ -1,0 +1,123 @@
+"""`python -m replicate ablate`: the paper's design comparisons, configs x seeds, as one sweep.
+
+Every config in experiments/ablations/ names the claim it tests (paper/claims.yaml). A sweep runs
+the baseline and each ablation for each seed under <runs_dir>/<sweep>/<name>/seed<k>, one W&B
+group per sweep; a finished run is skipped and an unfinished one resumed, so the command can be
+run again after any interruption. Comparisons that need no training of their own (centre crop vs
+10 crops, the ensemble of baseline seeds) are computed from the baseline's runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from replicate.config import ConfigError, Section, read_yaml
+from replicate.tracking import write_json
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+PRESETS = ("bundled", "full")
+
+
+@dataclass
+class AblationConfig(Section):
+    claim: str = ""  # the id in paper/claims.yaml's ablations this config tests ("" for the baseline)
+    kind: Literal["train", "views", "ensemble"] = "train"  # views, ensemble: from the baseline's runs
+    ensemble_size: int = 5  # §6: "5 CNNs"
+
+
+def ablation_files(only: list[str] | None = None) -> list[Path]:
+    files = sorted((EXPERIMENTS / "ablations").glob("*.yaml"))
+    if only:
+        known = {f.stem for f in files}
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise ConfigError(f"no ablation config {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        files = [f for f in files if f.stem in only]
+    return files
+
+
+def preset_overrides(preset: str) -> list[str]:
+    """The preset file as dotted key=value overrides (applied over every config)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset {preset!r}: expected one of {list(PRESETS)}")
+
+    def flatten(data: dict, prefix: str = "") -> list[str]:
+        items = []
+        for key, value in data.items():
+            if isinstance(value, dict):
+                items += flatten(value, f"{prefix}{key}.")
+            else:
+                items.append(f"{prefix}{key}={json.dumps(value)}")
+        return items
+
+    return flatten(read_yaml(EXPERIMENTS / "presets" / f"{preset}.yaml"))
+
+
+def run_state(run_dir: Path) -> str | None:
+    status = run_dir / "status.json"
+    return json.loads(status.read_text())["state"] if status.is_file() else None
+
+
+def ensure_trained(config, run_dir: Path, log: list[dict]) -> None:
+    """Train `config` into `run_dir` unless finished there; resume it if it has a checkpoint."""
+    from replicate.train import run_training
+
+    state = run_state(run_dir)
+    if state == "finished":
+        print(f"skip (finished): {run_dir}")
+        log.append({"run": str(run_dir), "action": "skipped"})
+        return
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    print(f"{'resume' if resume else 'train'}: {run_dir}")
+    run_training(config, run_dir, resume=resume)
+    log.append({"run": str(run_dir), "action": "resumed" if resume else "trained"})
+
+
+def run_sweep(
+    preset: str, seeds: list[int], overrides: list[str] = (), only: list[str] | None = None
+) -> Path:
+    """Run the baseline and the ablations (or `only` these) for every seed; returns the sweep dir."""
+    from replicate.experiment import load_experiment
+    from replicate.runs import evaluate_runs
+
+    sweep = f"ablations-{preset}"
+    extra = preset_overrides(preset) + [f"tracking.group={sweep}", *overrides]
+    baseline = load_experiment(EXPERIMENTS / "baseline.yaml", extra)
+    root = Path(baseline.train.runs_dir) / sweep
+    configs = [load_experiment(path, extra) for path in ablation_files(only)]
+    ensemble_seeds = max(
+        [c.ablation.ensemble_size for c in configs if c.ablation.kind == "ensemble"], default=0
+    )
+    baseline_seeds = sorted(set(seeds) | set(range(ensemble_seeds)))
+    log: list[dict] = []
+    for seed in baseline_seeds:
+        config = replace(baseline, train=replace(baseline.train, seed=seed))
+        ensure_trained(config, root / baseline.name / f"seed{seed}", log)
+    for config in configs:
+        if config.ablation.kind == "train":
+            for seed in seeds:
+                seeded = replace(config, train=replace(config.train, seed=seed))
+                ensure_trained(seeded, root / config.name / f"seed{seed}", log)
+        elif config.ablation.kind == "ensemble":
+            out = root / config.name
+            if (out / "evaluation.json").is_file():
+                print(f"skip (finished): {out}")
+                continue
+            members = [root / baseline.name / f"seed{s}" for s in range(config.ablation.ensemble_size)]
+            evaluate_runs(members, ["centre", "ten_crop"], out=out)
+            log.append({"run": str(out), "action": "evaluated"})
+        # kind "views": the baseline runs' evaluation.json already holds both protocols.
+    write_json(
+        root / "sweep.json",
+        {
+            "preset": preset,
+            "seeds": seeds,
+            "overrides": list(overrides),
+            "configs": [c.name for c in configs],
+            "log": log,
+        },
+    )
+    return root
