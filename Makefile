@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Rebuilt when missing or older than pyproject.toml (the dependency list).
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint replicate ablations prepare bench bench-data clean-venv
+.PHONY: install test lint replicate ablations figure1 prepare bench bench-data clean-venv
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ replicate: $(STAMP)
 # The paper's ablations, 3 seeds each: the bundled preset, or DATA=/path/to/ILSVRC2012 for the full one.
 ablations: $(STAMP)
 	$(PY) -m replicate ablate $(if $(DATA),--preset full data.root=$(DATA),--preset bundled)
+
+# Figure 1 (§3.1): ReLU vs tanh epochs to 25% CIFAR-10 training error; PRESET=full for all 50,000 images.
+figure1: $(STAMP)
+	$(PY) -m replicate figure1 experiments/cifar10/figure1$(if $(filter full,$(PRESET)),-full).yaml
 
 # Preprocess the data once (§2): the bundled Imagenette subset, or DATA=/path/to/ILSVRC2012.
 prepare: $(STAMP)

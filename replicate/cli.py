@@ -13,10 +13,12 @@ import yaml
 from analysis.tables import markdown, replication_table
 from replicate import bench_data, bench_model
 from replicate.ablate import PRESETS, run_sweep
-from replicate.config import ConfigError, to_dict
+from replicate.config import ConfigError, apply_overrides, from_dict, to_dict
 from replicate.data.loader import prepare
 from replicate.data.sources import DataError
-from replicate.experiment import load_experiment
+from replicate.experiment import load_experiment, resolve_file
+from replicate.figure1 import Figure1Config, run_figure1
+from replicate.figure1 import table as figure1_table
 from replicate.model import AlexNet
 from replicate.runs import evaluate_runs, run_config
 from replicate.train import TrainingError, default_run_dir, run_training
@@ -138,6 +140,18 @@ def ablate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def figure1_command(args: argparse.Namespace) -> int:
+    """Figure 1 (§3.1): ReLU vs tanh epochs to 25% CIFAR-10 training error."""
+    config_file, overrides = _split(args)
+    data = resolve_file(config_file or EXPERIMENTS / "cifar10" / "figure1.yaml")
+    try:
+        config = from_dict(Figure1Config, apply_overrides(data, overrides))
+    except ConfigError as error:
+        raise ConfigError(f"{config_file or 'figure1.yaml'}: {error}") from None
+    print(figure1_table(run_figure1(config)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m replicate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         ("prepare", prepare_data, "preprocess the data set once into 256x256 stores (§2)"),
         ("train", train_command, "train a config (or --resume RUN_DIR)"),
         ("replicate", replicate, "the whole pipeline (make replicate)"),
+        ("figure1", figure1_command, "Figure 1: ReLU vs tanh on CIFAR-10 (make figure1)"),
     ]:
         sub = commands.add_parser(name, help=help_text)
         _config_arguments(sub)

@@ -1,0 +1,93 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from replicate.cifar_net import CifarNet, CifarNetConfig
+from replicate.config import ConfigError
+from replicate.data.sources import BUNDLED_DIR
+from replicate.figure1 import Figure1Config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_four_layer_net_has_the_layers_18pct_shapes():
+    net = CifarNet()
+    sizes = []
+    net.features.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape))
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert sizes == [(2, 64, 4, 4)]  # 32 -> 16 -> 8 -> 4 with cuda-convnet's 3/2 pools
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64] and all(c.kernel_size == (5, 5) for c in convs)
+    assert abs(convs[0].weight.std().item() - 1e-4) < 2e-5 and abs(convs[1].weight.std().item() - 0.01) < 1e-3
+    tanh = CifarNet(CifarNetConfig(activation="tanh"))
+    assert sum(isinstance(m, torch.nn.Tanh) for m in tanh.modules()) == 3
+    assert (
+        sum(type(m).__name__ == "ResponseNorm" for m in CifarNet(CifarNetConfig(norm="lrn")).modules()) == 2
+    )
+
+
+def test_the_search_seed_comes_first():
+    with pytest.raises(ConfigError, match="seeds must start with 0"):
+        Figure1Config(seeds=[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")
+def test_a_short_figure1_run_records_epochs_to_threshold_or_not_reached(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "replicate",
+            "figure1",
+            "train_images=512",
+            "max_epochs=2",
+            "relu_lrs=[0.004]",
+            "tanh_lrs=[0.008, 0.004]",
+            "threshold=99",
+            "seeds=[0]",
+            f"out_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "figure1.json").read_text())
+    assert record["dataset"] == "JPEG-compressed CIFAR-10, the first 512 training images"
+    assert record["activations"]["relu"]["epochs_to_threshold"] == [1]  # 99%: reached at once
+    assert record["tanh_over_relu"] == 1.0 and record["paper_tanh_over_relu"] == 6.0
+    assert "paper about 6" in result.stdout and "JPEG-compressed CIFAR-10" in result.stdout
+    # tanh's second rate could only tie the first (1 epoch), so it was never run.
+    assert [r["lr"] for r in record["runs"] if r["activation"] == "tanh"] == [0.008]
+    curves = pd.read_csv(tmp_path / "curves.csv")
+    assert set(curves.columns) == {"activation", "lr", "seed", "epoch", "train_error"}
+    unreachable = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "replicate",
+            "figure1",
+            "train_images=256",
+            "max_epochs=1",
+            "relu_lrs=[0.004]",
+            "tanh_lrs=[0.004]",
+            "threshold=0",
+            "seeds=[0]",
+            f"out_dir={tmp_path / 'never'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert unreachable.returncode == 0, unreachable.stderr
+    never = json.loads((tmp_path / "never" / "figure1.json").read_text())
+    assert never["activations"]["relu"]["epochs_to_threshold"] == ["not reached"]
+    assert never["tanh_over_relu"] == "not reached"
