@@ -276,8 +276,9 @@ def build_store(
                 bar.update(refs_done)
                 if i % 8 == 7:
                     writer.checkpoint()
-            writer.checkpoint()
         finally:
+            # Also on an error or Ctrl-C: the counters only move after a whole chunk is appended.
+            writer.checkpoint()
             if pool is not None:
                 pool.terminate()
     writer.finish(compute_stats)
