@@ -56,6 +56,16 @@ def train(runs: Path, *overrides: str, wait: bool = True, env: dict | None = Non
     return process.returncode, out, err
 
 
+def resume(run_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "replicate", "train", "--resume", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
 
@@ -80,13 +90,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path)
     process.wait()
     state = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
     assert state["position"]["epoch"] == 1 and 0 < state["position"]["batch"] < 3, state["position"]
-    resumed = subprocess.run(
-        [sys.executable, "-m", "replicate", "train", "--resume", str(killed)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = resume(killed)
     assert resumed.returncode == 0, resumed.stderr
     for name, tensor in weights(whole).items():
         assert torch.equal(tensor, weights(killed)[name]), name
@@ -126,13 +130,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     assert stopped_at >= 2
     again = train(tmp_path)
     assert again[0] == 1 and "already holds a run: resume it with --resume" in again[2]
-    resumed = subprocess.run(
-        [sys.executable, "-m", "replicate", "train", "--resume", str(run_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = resume(run_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert pd.read_csv(run_dir / "steps.csv")["step"].tolist() == list(range(1, 10))
 
