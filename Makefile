@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Rebuilt when missing or older than pyproject.toml (the dependency list).
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint replicate ablations figure1 prepare bench bench-data clean-venv
+.PHONY: install test lint replicate ablations figure1 prepare bench bench-data bench-gpu lrn-cifar clean-venv
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ ablations: $(STAMP)
 figure1: $(STAMP)
 	$(PY) -m replicate figure1 experiments/cifar10/figure1$(if $(filter full,$(PRESET)),-full).yaml
 
+# §3.3 on CIFAR-10: the four-layer net with and without response normalisation (test error).
+lrn-cifar: $(STAMP)
+	$(PY) -m replicate lrn-cifar experiments/cifar10/lrn.yaml
+
 # Preprocess the data once (§2): the bundled Imagenette subset, or DATA=/path/to/ILSVRC2012.
 prepare: $(STAMP)
 	$(PY) -m replicate prepare experiments/baseline.yaml $(if $(DATA),data.root=$(DATA) data.dataset=ilsvrc2012)
@@ -44,6 +48,19 @@ bench: $(STAMP)
 # Data pipeline images/s against a plain torchvision pipeline (BENCHMARKS.md).
 bench-data: $(STAMP)
 	$(PY) -m replicate bench-data
+
+# On a GPU machine: the network under each speed option, the input pipeline with all cores and
+# GPU JPEG decoding, then the 90-epoch projection from those records (BENCHMARKS.md, README).
+BENCH_OUT ?= reports/bench
+bench-gpu: $(STAMP)
+	mkdir -p $(BENCH_OUT)
+	$(PY) -m replicate bench --steps 10 --precision fp32 --json $(BENCH_OUT)/fp32.json
+	$(PY) -m replicate bench --steps 10 --precision tf32 --json $(BENCH_OUT)/tf32.json
+	$(PY) -m replicate bench --steps 10 --precision bf16 --json $(BENCH_OUT)/bf16.json
+	$(PY) -m replicate bench --steps 10 --precision bf16 --channels-last --json $(BENCH_OUT)/bf16-cl.json
+	$(PY) -m replicate bench-data --workers $(shell nproc) --batch-size 128 --steady 25 --json $(BENCH_OUT)/data.json
+	$(PY) -m replicate project $(BENCH_OUT)/fp32.json $(BENCH_OUT)/tf32.json $(BENCH_OUT)/bf16.json \
+		$(BENCH_OUT)/bf16-cl.json --data $(BENCH_OUT)/data.json
 
 clean-venv:
 	rm -rf $(VENV)

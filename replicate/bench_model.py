@@ -10,8 +10,11 @@ fidelity, not of work.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +23,18 @@ from torchvision.models import alexnet
 
 from replicate.model import AlexNet
 from replicate.optim import OptimConfig, paper_optimizer
+from replicate.speed import Precision, autocast, memory_format, set_precision, speed_up
 
 
 def multiply_adds(model: nn.Module, side: int = 224) -> int:
-    """Multiply-adds of one forward pass of a 3 x side x side image (conv and linear layers)."""
+    """Multiply-adds of one forward pass of a 3 x side x side image (conv and linear layers).
+
+    Counted on AlexNet's per-column path, whose modules the hooks see; the fused path does the
+    same multiply-adds (its grouped convolutions are the columns' convolutions side by side)."""
     total = 0
+    fused = getattr(model, "fused", None)
+    if fused is not None:
+        model.fused = False
 
     def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
         nonlocal total
@@ -39,6 +49,8 @@ def multiply_adds(model: nn.Module, side: int = 224) -> int:
         model.eval()(torch.zeros(1, 3, side, side))
     for hook in hooks:
         hook.remove()
+    if fused is not None:
+        model.fused = fused
     return total
 
 
@@ -52,83 +64,126 @@ def timed(function, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def contenders(device: torch.device, channels_last: bool) -> dict[str, nn.Module]:
+@dataclass(frozen=True)
+class Options:
+    """Applied to every contender alike (replicate/speed.py)."""
+
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    def __str__(self) -> str:
+        return f"precision {self.precision}; channels_last {self.channels_last}; compile {self.compile}"
+
+
+TORCHVISION, FUSED, PER_COLUMN = "torchvision alexnet", "replicate (fused)", "replicate (per-column)"
+
+
+def contenders(device: torch.device, options: Options) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """name -> (module, what to call: the same module, or its compiled wrapper)."""
     torch.manual_seed(0)
-    models = {"torchvision alexnet": alexnet(num_classes=1000), "replicate AlexNet": AlexNet(1000)}
-    for model in models.values():
-        model.to(device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-    return models
+    models = {
+        TORCHVISION: alexnet(num_classes=1000),
+        FUSED: AlexNet(1000, fused=True),
+        PER_COLUMN: AlexNet(1000, fused=False),
+    }
+    return {
+        name: (model.to(device), speed_up(model, options.channels_last, options.compile))
+        for name, model in models.items()
+    }
 
 
-def run(device: torch.device, batch: int, repeats: int, steps: int, channels_last: bool) -> dict:
-    models = contenders(device, channels_last)
-    optimizers = {name: paper_optimizer(model, OptimConfig()) for name, model in models.items()}
-    memory = torch.channels_last if channels_last else torch.contiguous_format
+def run(
+    device: torch.device, batch: int, repeats: int, steps: int, options: Options, profile: bool = False
+) -> dict:
+    set_precision(options.precision)
+    torch.backends.cudnn.benchmark = True  # each contender gets cuDNN's fastest algorithms for its shapes
+    models = contenders(device, options)
+    optimizers = {name: paper_optimizer(model, OptimConfig()) for name, (model, _) in models.items()}
+    memory = memory_format(options.channels_last)
+    # Paper-scale inputs (0-255 minus a mean), fresh random values, never zeros.
     images = (torch.rand(batch, 3, 224, 224, device=device) * 255 - 128).contiguous(memory_format=memory)
     views = (torch.rand(max(batch // 10, 1), 10, 3, 224, 224, device=device) * 255 - 128).flatten(0, 1)
     views = views.contiguous(memory_format=memory)
     labels = torch.randint(0, 1000, (batch,), device=device)
 
     def train_steps(name: str) -> None:
-        model, optimizer = models[name].train(), optimizers[name]
+        (model, network), optimizer = models[name], optimizers[name]
+        model.train()
         for _ in range(steps):
-            loss = F.cross_entropy(model(images), labels)
+            with autocast(device, options.precision):
+                logits = network(images)
+            loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
     def evaluate_views(name: str) -> None:
-        with torch.no_grad():
+        model, network = models[name]
+        model.eval()
+        with torch.no_grad(), autocast(device, options.precision):
             for _ in range(steps):
-                models[name].eval()(views).softmax(-1)
+                network(views).float().softmax(-1)
 
     rates: dict[str, dict[str, list[float]]] = {
         "train": {n: [] for n in models},
         "ten_crop": {n: [] for n in models},
     }
-    for name in models:  # warm-up: allocator, kernels, first-touch
-        train_steps(name)
-        evaluate_views(name)
+    for name in models:  # warm-up: allocator, kernels, first-touch, compilation
+        for _ in range(2):
+            train_steps(name)
+            evaluate_views(name)
     for _ in range(repeats):
         for name in models:
             rates["train"][name].append(steps * batch / timed(lambda n=name: train_steps(n), device))
             rates["ten_crop"][name].append(
                 steps * len(views) / 10 / timed(lambda n=name: evaluate_views(n), device)
             )
+    if profile:  # where one training step's time goes, per contender
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        for name in models:
+            with torch.profiler.profile(activities=activities) as profiler:
+                train_steps(name)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            print(f"--- profile: {name}, {steps} training step(s) ---")
+            print(profiler.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
     return {
-        "device": str(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch,
-        "channels_last": channels_last,
+        "options": str(options),
         "rates": rates,
         "macs": {
             name: multiply_adds(model.cpu().float())
-            for name, model in contenders(torch.device("cpu"), False).items()
+            for name, (model, _) in contenders(torch.device("cpu"), Options()).items()
+            if name != PER_COLUMN
         },
     }
 
 
 def report(result: dict) -> str:
     lines = [
-        f"device: {result['device']}; batch {result['batch']}; channels_last {result['channels_last']}; "
+        f"device: {result['device']}; batch {result['batch']}; {result['options']}; "
         f"torch {torch.__version__}; threads {torch.get_num_threads()}"
     ]
     for name, macs in result["macs"].items():
         lines.append(f"{name}: {macs / 1e9:.3f} G multiply-adds per 224x224 image")
-    mine, theirs = "replicate AlexNet", "torchvision alexnet"
     for phase, unit in (("train", "training images/s (fwd+bwd+step)"), ("ten_crop", "10-crop images/s")):
         rates = result["rates"][phase]
         for name, values in rates.items():
             lines.append(
-                f"{phase:>8} {name:<20} {unit}: min {min(values):.1f} / median "
+                f"{phase:>8} {name:<22} {unit}: min {min(values):.1f} / median "
                 f"{statistics.median(values):.1f} / max {max(values):.1f}"
             )
-        ratios = [a / b for a, b in zip(rates[mine], rates[theirs], strict=True)]
-        lines.append(
-            f"{phase:>8} ratio replicate/torchvision: min {min(ratios):.2f} / median "
-            f"{statistics.median(ratios):.2f} / max {max(ratios):.2f}  (target >= 1.2)"
-        )
+        for mine in (FUSED, PER_COLUMN):
+            ratios = [a / b for a, b in zip(rates[mine], rates[TORCHVISION], strict=True)]
+            lines.append(
+                f"{phase:>8} ratio {mine}/torchvision: min {min(ratios):.2f} / median "
+                f"{statistics.median(ratios):.2f} / max {max(ratios):.2f}  (target >= 1.2)"
+            )
     return "\n".join(lines)
 
 
@@ -142,12 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
+    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every contender")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print a profile of each contender's step"
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw rates here")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI: no meaningful timing")
     args = parser.parse_args(argv)
+    options = Options(args.precision, args.channels_last, args.compile)
     if args.smoke:
-        result = run(torch.device("cpu"), batch=2, repeats=1, steps=1, channels_last=False)
+        result = run(torch.device("cpu"), batch=2, repeats=1, steps=1, options=Options(channels_last=True))
     else:
-        result = run(torch.device(args.device), args.batch, args.repeats, args.steps, args.channels_last)
+        result = run(torch.device(args.device), args.batch, args.repeats, args.steps, options, args.profile)
     print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from analysis.tables import markdown, replication_table
-from replicate import bench_data, bench_model
+from replicate import bench_data, bench_model, projection
 from replicate.ablate import PRESETS, run_sweep
 from replicate.config import ConfigError, apply_overrides, from_dict, to_dict
 from replicate.data.loader import prepare
@@ -19,6 +19,8 @@ from replicate.data.sources import DataError
 from replicate.experiment import load_experiment, resolve_file
 from replicate.figure1 import Figure1Config, run_figure1
 from replicate.figure1 import table as figure1_table
+from replicate.lrn_cifar import LrnCifarConfig, run_lrn_cifar
+from replicate.lrn_cifar import table as lrn_cifar_table
 from replicate.model import AlexNet
 from replicate.runs import evaluate_runs, run_config
 from replicate.train import TrainingError, default_run_dir, run_training
@@ -152,6 +154,18 @@ def figure1_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def lrn_cifar_command(args: argparse.Namespace) -> int:
+    """§3.3 on CIFAR-10: the four-layer net with and without response normalisation."""
+    config_file, overrides = _split(args)
+    data = resolve_file(config_file or EXPERIMENTS / "cifar10" / "lrn.yaml")
+    try:
+        config = from_dict(LrnCifarConfig, apply_overrides(data, overrides))
+    except ConfigError as error:
+        raise ConfigError(f"{config_file or 'lrn.yaml'}: {error}") from None
+    print(lrn_cifar_table(run_lrn_cifar(config)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m replicate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         ("train", train_command, "train a config (or --resume RUN_DIR)"),
         ("replicate", replicate, "the whole pipeline (make replicate)"),
         ("figure1", figure1_command, "Figure 1: ReLU vs tanh on CIFAR-10 (make figure1)"),
+        ("lrn-cifar", lrn_cifar_command, "§3.3: CIFAR-10 test error with and without LRN (make lrn-cifar)"),
     ]:
         sub = commands.add_parser(name, help=help_text)
         _config_arguments(sub)
@@ -193,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in (
         ("bench-data", "data pipeline images/s against torchvision's"),
         ("bench", "network training and 10-crop images/s against torchvision's alexnet"),
+        ("project", "hours for 90 epochs of ILSVRC-2012 from bench and bench-data records"),
     ):
         commands.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -201,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             return bench_data.main(rest)
         if args.command == "bench":
             return bench_model.main(rest)
+        if args.command == "project":
+            return projection.main(rest)
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
         return args.handler(args)

@@ -14,14 +14,18 @@ from torch import nn
 from tqdm import tqdm
 
 
-def average_softmax(models: Sequence[nn.Module], views: torch.Tensor) -> torch.Tensor:
+def average_softmax(
+    models: Sequence[nn.Module],
+    views: torch.Tensor,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
     """Class probabilities averaged over the views (B x V x 3 x H x W, or one view B x 3 x H x W)
     and over the models."""
     if views.dim() == 4:
         views = views.unsqueeze(1)
     batch, count = views.shape[:2]
-    flat = views.flatten(0, 1)
-    probabilities = [model(flat).softmax(-1).reshape(batch, count, -1).mean(1) for model in models]
+    flat = views.flatten(0, 1).contiguous(memory_format=memory_format)
+    probabilities = [model(flat).float().softmax(-1).reshape(batch, count, -1).mean(1) for model in models]
     return torch.stack(probabilities).mean(0)
 
 
@@ -42,6 +46,7 @@ def evaluate(
     description: str = "evaluate",
     total: int | None = None,
     progress: bool = True,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, float]:
     """Top-1/top-5 error (%) and the mean negative log-probability of the true class.
 
@@ -54,7 +59,7 @@ def evaluate(
         batches, desc=description, total=total, unit="batch", disable=not progress, leave=False
     ):
         views, labels = views.to(device, non_blocking=True), labels.to(device)
-        probabilities = average_softmax(models, views)
+        probabilities = average_softmax(models, views, memory_format)
         labels = labels.to(probabilities.device)
         hits = topk_correct(probabilities, labels)
         nll = -probabilities.gather(1, labels[:, None]).clamp_min(1e-12).log().sum()

@@ -31,12 +31,13 @@ PAPER_K = 2.0
 
 
 def window_sum(values: torch.Tensor, size: int) -> torch.Tensor:
-    """Sum over `size` adjacent maps (dim 1), clipped at the first and last map, as §3.3 sums."""
-    count = values.shape[1]
+    """Sum over `size` adjacent maps (dim -3: C of N x C x H x W, or of N x G x C x H x W), clipped at
+    the first and last map, as §3.3 sums."""
+    count = values.shape[-3]
     padded = F.pad(values, (0, 0, 0, 0, size // 2, (size - 1) // 2))
-    total = padded[:, 0:count].clone()
+    total = padded.narrow(-3, 0, count).clone()
     for offset in range(1, size):
-        total += padded[:, offset : offset + count]
+        total += padded.narrow(-3, offset, count)
     return total
 
 
@@ -97,10 +98,20 @@ class ResponseNorm(nn.Module):
         super().__init__()
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+    def forward(self, maps: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """`groups` > 1: the maps are that many columns side by side (N x G*C x H x W); each is
+        normalised over its own C maps, through a (N, G, C, H, W) view (no copy, any layout)."""
         if self.size % 2 == 0:  # the closed-form backward assumes a symmetric window
-            return reference_response_norm(maps, self.size, self.alpha, self.beta, self.k)
-        return _ResponseNormFunction.apply(maps, self.size, self.alpha, self.beta, self.k)
+            columns = maps.chunk(groups, dim=1)
+            parts = [reference_response_norm(m, self.size, self.alpha, self.beta, self.k) for m in columns]
+            return torch.cat(parts, dim=1)
+        low = maps.dtype in (torch.float16, torch.bfloat16)  # under autocast: sum the squares in fp32
+        view = maps.float() if low else maps
+        if groups > 1:
+            view = view.unflatten(1, (groups, -1))
+        out = _ResponseNormFunction.apply(view, self.size, self.alpha, self.beta, self.k)
+        out = out.flatten(1, 2) if groups > 1 else out
+        return out.to(maps.dtype) if low else out
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha:g} (per squared map), beta={self.beta}, k={self.k}"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicate.config import ConfigError, Section
-from replicate.lrn import LRNRule, response_norm
+from replicate.lrn import LRNRule, ResponseNorm, response_norm
 
 Activation = Literal["relu", "tanh"]
 Pooling = Literal["overlapping", "non_overlapping"]
@@ -238,10 +238,14 @@ class AlexNet(nn.Module):
         num_classes: int = 1000,
         *,
         devices: Sequence[torch.device | str] | None = None,
+        fused: bool = False,
         **variant,
     ) -> None:
         super().__init__()
         self.config = config = ModelConfig(num_classes=num_classes, **variant)
+        # Both columns' convolutions as one tensor when they share a device: the same function, but
+        # measured slower in eager mode on CPU and H100 (BENCHMARKS.md), so off unless asked for.
+        self.fused = fused
         self.stages = plan_stages(config)
         side = feature_side(config, self.stages)
         last = WIDTHS[config.columns][self.stages[-1].layer.name]
@@ -254,9 +258,11 @@ class AlexNet(nn.Module):
             self.place_columns(devices)
 
     @classmethod
-    def from_config(cls, config: ModelConfig, devices: Sequence[torch.device | str] | None = None) -> AlexNet:
+    def from_config(
+        cls, config: ModelConfig, devices: Sequence[torch.device | str] | None = None, fused: bool = False
+    ) -> AlexNet:
         values = {f.name: getattr(config, f.name) for f in fields(config)}
-        return cls(values.pop("num_classes"), devices=devices, **values)
+        return cls(values.pop("num_classes"), devices=devices, fused=fused, **values)
 
     @torch.no_grad()
     def initialise(self) -> None:
@@ -288,7 +294,13 @@ class AlexNet(nn.Module):
     def _exchange(self, parts: list[torch.Tensor], layer: str) -> list[torch.Tensor]:
         """Each column's input to `layer`: all columns' outputs, concatenated on its own device.
         The only place activations move between columns (and so between devices)."""
-        return [torch.cat([part.to(device) for part in parts], dim=1) for device in self.column_devices()]
+        devices = self.column_devices()
+        if len(set(devices)) == 1:  # one device: one concatenation serves every column
+            return [torch.cat(parts, dim=1)] * len(devices)
+        return [torch.cat([part.to(device) for part in parts], dim=1) for device in devices]
+
+    def fuses_columns(self) -> bool:
+        return self.fused and len(self.columns) == 2 and len(set(self.column_devices())) == 1
 
     def _conv_stack(self, images: torch.Tensor) -> list[torch.Tensor]:
         images = F.pad(images, (0, self.conv1_padding, 0, self.conv1_padding))
@@ -300,10 +312,43 @@ class AlexNet(nn.Module):
             maps = [column.convs[name](m) for column, m in zip(self.columns, maps, strict=True)]
         return maps
 
+    def _fused_conv_stack(self, images: torch.Tensor) -> torch.Tensor:
+        """The same computation as the per-column loop, both columns in one tensor (one device).
+
+        Channels [0, C/2) are column A's, [C/2, C) column B's, as `_exchange` concatenates them.
+        A layer that reads one column is a grouped convolution (groups=2: each half of the kernels
+        sees only its own column's maps); conv1 and a layer that reads both columns (conv3) are one
+        dense convolution with both columns' kernels stacked. The LRN runs on a (N, 2, C/2, H, W) view,
+        so its window never crosses columns (§3.3). Weights stay in the columns (same parameters,
+        checkpoints and `place_columns`); only their concatenation is made per call.
+        """
+        maps = images
+        for stage in self.stages:
+            name = stage.layer.name
+            convs = [column.convs[name][0] for column in self.columns]
+            weight = torch.cat([conv.weight for conv in convs])
+            bias = torch.cat([conv.bias for conv in convs])
+            groups = 1 if stage.reads_both_columns or name == "conv1" else 2
+            maps = F.conv2d(maps, weight, bias, convs[0].stride, convs[0].padding, groups=groups)
+            block = self.columns[0].convs[name]  # conv, activation, [LRN], pools: same in each column
+            maps = block[1](maps)
+            rest = list(block)[2:]
+            if stage.layer.normalised:
+                norm = rest.pop(0)
+                maps = norm(maps, groups=2) if isinstance(norm, ResponseNorm) else norm(maps)
+            for pool in rest:
+                maps = pool(maps)
+        return maps
+
     def _hidden(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Each column's FC7 activations, before dropout."""
-        maps = self._conv_stack(images)
-        hidden = self._exchange([m.flatten(1) for m in maps], "fc6")
+        if self.fuses_columns():
+            padded = F.pad(images, (0, self.conv1_padding, 0, self.conv1_padding))
+            # (N, 2C, 6, 6).flatten(1) is column A's flattened maps, then column B's: FC6's input
+            hidden = [self._fused_conv_stack(padded).flatten(1)] * 2
+        else:
+            maps = self._conv_stack(images)
+            hidden = self._exchange([m.flatten(1) for m in maps], "fc6")
         hidden = [column.dropout6(column.fc6(h)) for column, h in zip(self.columns, hidden, strict=True)]
         hidden = self._exchange(hidden, "fc7")
         return [column.fc7(h) for column, h in zip(self.columns, hidden, strict=True)]

@@ -30,6 +30,7 @@ from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate, topk_correct
 from replicate.model import AlexNet
 from replicate.optim import PaperSGD, PlateauSchedule, paper_optimizer
+from replicate.speed import Precision, autocast, memory_format, set_precision, speed_up
 from replicate.tracking import Tracker, environment, write_json
 
 
@@ -47,6 +48,11 @@ class TrainConfig(Section):
     eval_batch_size: int = 32  # images per evaluation batch (x10 views under ten_crop)
     runs_dir: str = "runs"  # run directories go to <runs_dir>/<name>/seed<seed>
     max_steps: int = 0  # >0: stop after this many steps (smoke runs, tests)
+    # Speed options (replicate/speed.py). fp32 is the paper's arithmetic; the others are opt-in.
+    precision: Precision = "fp32"  # fp32 | tf32 | bf16 (autocast)
+    channels_last: bool = False  # NHWC memory layout for the convolutions
+    compile: bool = False  # torch.compile the network
+    fused_columns: bool = False  # both columns in one tensor (grouped convs): faster only compiled
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,9 +145,13 @@ class Trainer:
                 f"model.num_classes = {config.model.num_classes} but the data has {classes} classes; "
                 f"set model.num_classes={classes}"
             )
-        self.model = AlexNet.from_config(config.model, self.devices if len(self.devices) > 1 else None)
+        self.model = AlexNet.from_config(
+            config.model, self.devices if len(self.devices) > 1 else None, fused=train.fused_columns
+        )
         if len(self.devices) == 1:
             self.model.to(self.devices[0])
+        set_precision(train.precision)
+        torch.backends.cudnn.benchmark = not train.deterministic  # fastest algorithms for these shapes
         self.optimizer: PaperSGD = paper_optimizer(self.model, config.optim)
         self.schedule = PlateauSchedule(self.optimizer, config.optim)
         self.position, self.best_error = Position(), math.inf
@@ -151,6 +161,8 @@ class Trainer:
         if self.world > 1:
             single = self.devices[0] if len(self.devices) == 1 and self.devices[0].type == "cuda" else None
             self.network = DistributedDataParallel(self.model, device_ids=[single] if single else None)
+        self.network = speed_up(self.network, train.channels_last, train.compile)
+        self.memory_format = memory_format(train.channels_last)
         self.augment = Augment(config.data.augment, self.prepared.stats, seed=train.seed)
         self.sampler = EpochBatches(
             len(self.prepared.train),
@@ -214,14 +226,16 @@ class Trainer:
             sampler,
             replace(self.config.data, persistent_workers=False),
         )
-        return evaluate(
-            [self.model],
-            loader,
-            self.devices[0],
-            f"evaluate {views}",
-            len(sampler),
-            progress and self.rank == 0,
-        )
+        with autocast(self.devices[0], self.config.train.precision):
+            return evaluate(
+                [self.model],
+                loader,
+                self.devices[0],
+                f"evaluate {views}",
+                len(sampler),
+                progress and self.rank == 0,
+                self.memory_format,
+            )
 
     def run(self, tracker: Tracker | None) -> None:
         train, position = self.config.train, self.position
@@ -249,10 +263,11 @@ class Trainer:
         )
         start, seen = time.perf_counter(), 0
         for views, labels in self.loader:
-            views, labels = views.to(self.devices[0], non_blocking=True), labels.to(self.devices[0])
-            logits = self.network(views)
+            views = views.to(self.devices[0], non_blocking=True, memory_format=self.memory_format)
+            with autocast(self.devices[0], train.precision):
+                logits = self.network(views)
             labels = labels.to(logits.device)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits.float(), labels)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss.item()} at step {position.step + 1} (epoch {position.epoch + 1}, "

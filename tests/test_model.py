@@ -29,7 +29,11 @@ def parameters_by_layer(model: AlexNet) -> dict[str, int]:
 
 
 def record_outputs(model: AlexNet) -> dict[str, torch.Tensor]:
-    """Hooks that keep every module's output, keyed 'column<i>.<module path>' and 'fc8'."""
+    """Hooks that keep every module's output, keyed 'column<i>.<module path>' and 'fc8'.
+
+    They switch the model to the per-column path, whose modules the hooks see; the fused path is
+    tested equal to it (test_fused_columns_compute_the_per_column_function)."""
+    model.fused = False
     outputs: dict[str, torch.Tensor] = {}
     for i, column in enumerate(model.columns):
         for path, module in column.named_modules():
@@ -124,7 +128,7 @@ def test_columns_meet_only_at_conv3(images):
 def test_two_devices_give_the_same_function_and_cross_only_at_conv3_fc6_fc7_fc8(images, monkeypatch):
     torch.manual_seed(0)
     single = AlexNet(10).eval()
-    placed = AlexNet(10, devices=("cpu", "cpu")).eval()
+    placed = AlexNet(10, devices=("cpu", "cpu"), fused=False).eval()
     placed.load_state_dict(single.state_dict())
     crossings = []
     original = placed._exchange
@@ -224,6 +228,43 @@ def test_every_variant_runs_forward_and_backward(variant, images):
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+
+
+@pytest.mark.parametrize(
+    "variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "paper"
+)
+def test_fused_columns_compute_the_per_column_function(variant):
+    """The one-tensor path (grouped convolutions, LRN on a (2N, C/2, H, W) view) against the
+    per-column modules: same outputs and same gradients for every parameter, in training mode
+    (same seed, so the same dropout masks) on paper-scale inputs."""
+    variant = {"num_classes": 10, **variant}
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, 224, 224) * 60
+    labels = torch.tensor([0, 3, 6])
+    fused = AlexNet(**variant, fused=True)
+    reference = AlexNet(**variant, fused=False)
+    reference.load_state_dict(fused.state_dict())
+    assert fused.fuses_columns() == (fused.config.columns == 2) and not reference.fuses_columns()
+    results = []
+    for model in (fused, reference):
+        torch.manual_seed(2)
+        logits = model(images)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    (logits, grads), (ref_logits, ref_grads) = results
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval().fc7_features(images), reference.eval().fc7_features(images))
+
+
+def test_fused_path_is_used_only_on_one_device():
+    assert AlexNet(10, fused=True).fuses_columns() and not AlexNet(10).fuses_columns()
+    assert not AlexNet(10, devices=("cpu", "meta"), fused=True).fuses_columns()
+    assert not AlexNet(10, columns=1, fused=True).fuses_columns()
 
 
 def test_non_overlapping_pooling_keeps_the_sizes(images):

@@ -346,6 +346,13 @@ class ImageStore:
             out[row] = np.asarray(Image.open(encoded).convert("RGB"))
         return torch.from_numpy(out)
 
+    def encoded(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """A JPEG store's compressed bytes, one uint8 tensor per image (for GPU decoding)."""
+        if self.spec.format != "jpeg":
+            raise DataError(f"{self.folder}: a {self.spec.format} store holds no JPEG bytes")
+        data = self._open()
+        return [torch.from_numpy(data[self.offsets[i] : self.offsets[i + 1]].copy()) for i in indices]
+
     def stats(self) -> dict[str, np.ndarray]:
         """The mean image (0-255) and RGB eigenvalues/eigenvectors of a training store (§4.1)."""
         path = self.folder / "stats.npz"

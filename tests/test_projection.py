@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from replicate.projection import EPOCHS, GRADIENT_BYTES, ILSVRC2012_TRAIN, ILSVRC2012_VAL, project
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_one_gpu_hours_from_the_rates_by_hand():
+    # 1,000 img/s network, pipeline faster: 90 x (1,281,167 / 1,000 + 50,000 / (500 x 10)) s.
+    result = project(network_rate=1000, ten_crop_rate=500, pipeline_rate=5000, gpus=1)
+    expected = EPOCHS * (ILSVRC2012_TRAIN / 1000 + ILSVRC2012_VAL / 5000) / 3600
+    assert result.bound_by == "network" and result.hours == pytest.approx(expected)
+
+
+def test_the_slower_of_network_and_pipeline_bounds_and_gpus_add_the_all_reduce():
+    slow_feed = project(network_rate=1000, ten_crop_rate=500, pipeline_rate=400, gpus=1)
+    assert slow_feed.bound_by == "input pipeline" and slow_feed.train_rate == 400
+    four = project(
+        network_rate=1000, ten_crop_rate=500, pipeline_rate=5000, gpus=4, batch=128, bandwidth_gb_s=100
+    )
+    steps = ILSVRC2012_TRAIN / (128 * 4)
+    all_reduce = steps * 2 * 3 / 4 * GRADIENT_BYTES / 100e9
+    expected = EPOCHS * (ILSVRC2012_TRAIN / 4000 + all_reduce + ILSVRC2012_VAL / 20000) / 3600
+    assert four.hours == pytest.approx(expected)
+
+
+def test_the_command_reads_bench_records(tmp_path):
+    bench = {
+        "device": "a GPU",
+        "batch": 128,
+        "options": "precision fp32",
+        "rates": {
+            "train": {"replicate (per-column)": [900, 1000, 1100]},
+            "ten_crop": {"replicate (per-column)": [500, 500, 500]},
+        },
+    }
+    data = {"workers": 16, "steady_raw": [5000, 5000, 5000]}
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    command = [
+        sys.executable,
+        "-m",
+        "replicate",
+        "project",
+        str(tmp_path / "b.json"),
+        "--data",
+        str(tmp_path / "d.json"),
+    ]
+    out = subprocess.run(
+        [*command, "--contender", "replicate (per-column)", "--gpus", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    hours = EPOCHS * (ILSVRC2012_TRAIN / 1000 + ILSVRC2012_VAL / 5000) / 3600
+    assert f"1 GPU(s): {hours:5.1f} h for 90 epochs (1,000 img/s, bound by the network)" in out.stdout
+    missing = subprocess.run(
+        [*command, "--pipeline", "gpu_jpeg"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode != 0 and "gpu_jpeg: not measured" in missing.stderr
