@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Rebuilt when missing or older than pyproject.toml (the dependency list).
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint replicate ablations figure1 prepare bench bench-data bench-gpu lrn-cifar clean-venv
+.PHONY: install test lint replicate ablations figure1 prepare bench bench-data bench-gpu lrn-cifar report clean-venv
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ figure1: $(STAMP)
 lrn-cifar: $(STAMP)
 	$(PY) -m replicate lrn-cifar experiments/cifar10/lrn.yaml
 
+# Tables (reports/tables) and figures (reports/figures) from the runs on disk: executes the notebooks.
+report: $(STAMP)
+	$(PY) -m analysis.report
+
 # Preprocess the data once (§2): the bundled Imagenette subset, or DATA=/path/to/ILSVRC2012.
 prepare: $(STAMP)
 	$(PY) -m replicate prepare experiments/baseline.yaml $(if $(DATA),data.root=$(DATA) data.dataset=ilsvrc2012)
@@ -49,18 +53,18 @@ bench: $(STAMP)
 bench-data: $(STAMP)
 	$(PY) -m replicate bench-data
 
-# On a GPU machine: the network under each speed option, the input pipeline with all cores and
-# GPU JPEG decoding, then the 90-epoch projection from those records (BENCHMARKS.md, README).
+# On a GPU machine: the network in fp32 and under the fastest options, the input pipeline with all
+# cores and GPU JPEG decoding, then the 90-epoch projection (BENCHMARKS.md; the H100 records of
+# analysis/benchmarks/h100 came from these commands).
 BENCH_OUT ?= reports/bench
 bench-gpu: $(STAMP)
 	mkdir -p $(BENCH_OUT)
-	$(PY) -m replicate bench --steps 10 --precision fp32 --json $(BENCH_OUT)/fp32.json
-	$(PY) -m replicate bench --steps 10 --precision tf32 --json $(BENCH_OUT)/tf32.json
-	$(PY) -m replicate bench --steps 10 --precision bf16 --json $(BENCH_OUT)/bf16.json
-	$(PY) -m replicate bench --steps 10 --precision bf16 --channels-last --json $(BENCH_OUT)/bf16-cl.json
-	$(PY) -m replicate bench-data --workers $(shell nproc) --batch-size 128 --steady 25 --json $(BENCH_OUT)/data.json
-	$(PY) -m replicate project $(BENCH_OUT)/fp32.json $(BENCH_OUT)/tf32.json $(BENCH_OUT)/bf16.json \
-		$(BENCH_OUT)/bf16-cl.json --data $(BENCH_OUT)/data.json
+	$(PY) -m replicate bench --steps 10 --precision fp32 --profile --json $(BENCH_OUT)/fp32.json
+	$(PY) -m replicate bench --steps 10 --precision tf32 --compile --json $(BENCH_OUT)/tf32-compile.json
+	$(PY) -m replicate bench --steps 10 --precision bf16 --channels-last --compile --json $(BENCH_OUT)/bf16-cl-compile.json
+	$(PY) -m replicate bench-data --workers $(shell nproc) --batch-size 128 --steady 25 --repeats 3 --json $(BENCH_OUT)/data.json
+	$(PY) -m replicate project $(BENCH_OUT)/fp32.json $(BENCH_OUT)/tf32-compile.json \
+		$(BENCH_OUT)/bf16-cl-compile.json --data $(BENCH_OUT)/data.json --contender "replicate (per-column)"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from replicate.paper import paper_result
+from analysis.records import find_record, load_records
+from analysis.stats import Estimate, mean_ci, paired_deltas
+from replicate.paper import load_claims, paper_result
 
 # Which paper row a measurement is compared with, by data set and split.
 PAPER_ROW = {("ilsvrc2012", "val"): "table2_1cnn", ("ilsvrc2010", "test"): "table1_cnn"}
@@ -51,3 +53,295 @@ def markdown(table: pd.DataFrame) -> str:
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
     body = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join([header, rule, *body])
+
+
+# --- Tables 1 and 2, the ablation table, the CIFAR-10 results (issue: analysis) -------------------
+
+PROTOCOLS = ("ten_crop", "centre")  # the paper's protocol first (§4.1)
+BASELINE_MODELS = {"table1_cnn", "table2_1cnn"}  # rows measured by this repository's baseline runs
+ENSEMBLE_MODELS = {"table2_5cnns": "ensemble_5cnns"}
+
+
+def _where(dataset: str, split: str, bundled: bool) -> str:
+    return f"{dataset} {split}" + (
+        " (bundled 10-class subset: NOT comparable with the paper)" if bundled else ""
+    )
+
+
+def _errors(records: pd.DataFrame, column: str) -> Estimate:
+    return mean_ci(list(records[column]))
+
+
+def paper_table(records: pd.DataFrame, table: int, claims: dict | None = None) -> pd.DataFrame:
+    """Table 1 (ILSVRC-2010 test) or Table 2 (ILSVRC-2012 val): the paper's rows, each with the
+    measured error (mean ± 95% CI over seeds, n) per protocol, or "not run"; and any rows
+    measured on the bundled subset, labelled as such."""
+    claims = claims or load_claims()
+    rows = []
+    baseline = records[(records["claim"] == "") & (records["kind"] == "train")]
+    ensembles = records[records["kind"] == "ensemble"]
+    for paper in (r for r in claims["results"] if r["table"] == table):
+        dataset, split = paper["dataset"], paper["split"]
+        if paper["id"] in BASELINE_MODELS:
+            measured = baseline
+        elif paper["id"] in ENSEMBLE_MODELS:
+            measured = ensembles
+        else:
+            measured = records.iloc[0:0]
+        found = measured[(measured["dataset"] == dataset) & (measured["split"] == split)]
+        base = {"model": paper["model"], "section": paper["section"], "data": f"{dataset} {split}"}
+        if found.empty:
+            rows.append(
+                {
+                    **base,
+                    **_paper_columns(paper),
+                    "protocol": "-",
+                    "measured top-1 %": "not run",
+                    "measured top-5 %": "not run",
+                    "Δ top-1": "",
+                    "Δ top-5": "",
+                    "n": 0,
+                }
+            )
+        for protocol in PROTOCOLS:
+            subset = found[found["protocol"] == protocol]
+            if not subset.empty:
+                rows.append({**base, **_paper_columns(paper), **_measured(subset, paper, protocol)})
+        if table == 2 and paper["id"] in BASELINE_MODELS | set(ENSEMBLE_MODELS):  # bundled, labelled
+            bundled = measured[measured["bundled"]]
+            for (bdataset, bsplit), group in bundled.groupby(["dataset", "split"]):
+                for protocol in PROTOCOLS:
+                    subset = group[group["protocol"] == protocol]
+                    if not subset.empty:
+                        rows.append(
+                            {
+                                **base,
+                                "data": _where(bdataset, bsplit, True),
+                                **_paper_columns(paper),
+                                **_measured(subset, paper, protocol, comparable=False),
+                            }
+                        )
+    return pd.DataFrame(rows)
+
+
+def _paper_columns(paper: dict) -> dict:
+    def value(key: str) -> str:
+        return "-" if paper.get(key) is None else f"{paper[key]:g}"
+
+    return {"paper top-1 %": value("top1_error"), "paper top-5 %": value("top5_error")}
+
+
+def _measured(subset: pd.DataFrame, paper: dict, protocol: str, comparable: bool = True) -> dict:
+    top1, top5 = _errors(subset, "top1_error"), _errors(subset, "top5_error")
+
+    def difference(estimate: Estimate, key: str) -> str:
+        if not comparable or paper.get(key) is None:
+            return "n/a"
+        return f"{estimate.mean - paper[key]:+.2f}"
+
+    return {
+        "protocol": VIEW_NAMES[protocol],
+        "measured top-1 %": top1.text().lstrip("+"),
+        "measured top-5 %": top5.text().lstrip("+"),
+        "Δ top-1": difference(top1, "top1_error"),
+        "Δ top-5": difference(top5, "top5_error"),
+        "n": top1.n,
+    }
+
+
+def _per_seed(records: pd.DataFrame, protocol: str, column: str) -> dict[int, float]:
+    chosen = records[records["protocol"] == protocol]
+    return {int(seed): value for seed, value in zip(chosen["seed"], chosen[column], strict=True)}
+
+
+def _sweep(run: str) -> str:
+    """The folder that holds a sweep's configs (runs/<sweep>/<name>/seed<k> -> runs/<sweep>)."""
+    return str(Path(run).parent.parent)
+
+
+def ablation_table(records: pd.DataFrame, claims: dict | None = None) -> pd.DataFrame:
+    """Each comparison of the paper: its claimed effect beside the measured one (variant minus
+    baseline, the same seeds, mean ± 95% CI), with n, the protocol and the data; or "not run"."""
+    claims = claims or load_claims()
+    rows = []
+    for claim in claims["ablations"]:
+        bound = {"at_least": "over ", "about": "about "}.get(claim.get("bound", ""), "")
+        row = {
+            "comparison": claim["variant"],
+            "section": claim["section"],
+            "paper Δ top-1": f"{bound}{claim['top1_delta']:+g}" if "top1_delta" in claim else "not reported",
+            "paper Δ top-5": f"{claim['top5_delta']:+g}" if "top5_delta" in claim else "not reported",
+        }
+        deltas = claim_deltas(claim["id"], records)
+        if deltas is None:
+            rows.append(
+                {
+                    **row,
+                    "measured Δ top-1": "not run",
+                    "measured Δ top-5": "not run",
+                    "n": 0,
+                    "protocol": "-",
+                    "data": "-",
+                }
+            )
+            continue
+        top1, top5, protocol, data = deltas
+        rows.append(
+            {
+                **row,
+                "measured Δ top-1": mean_ci(top1).text(),
+                "measured Δ top-5": mean_ci(top5).text(),
+                "n": len(top1),
+                "protocol": protocol,
+                "data": data,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def claim_deltas(claim: str, records: pd.DataFrame):
+    """(top-1 deltas, top-5 deltas, protocol, data) for one claim, or None when not run."""
+    trained = records[records["kind"] == "train"]
+    baselines = trained[trained["claim"] == ""]
+    if claim == "ten_crop":  # centre crop only, against 10 crops, on the baseline's own runs
+        for (dataset, split, bundled), group in baselines.groupby(["dataset", "split", "bundled"]):
+            centre, ten = (_per_seed(group, p, "top1_error") for p in ("centre", "ten_crop"))
+            centre5, ten5 = (_per_seed(group, p, "top5_error") for p in ("centre", "ten_crop"))
+            if paired_deltas(centre, ten):
+                return (
+                    paired_deltas(centre, ten),
+                    paired_deltas(centre5, ten5),
+                    "centre vs 10 crops",
+                    _where(dataset, split, bundled),
+                )
+        return None
+    if claim == "ensemble_5cnns":
+        ensembles = records[records["kind"] == "ensemble"]
+        for run, group in ensembles.groupby("run"):
+            protocol = "ten_crop" if (group["protocol"] == "ten_crop").any() else "centre"
+            row = group[group["protocol"] == protocol].iloc[0]
+            members = baselines[
+                (baselines["run"].map(_sweep) == str(Path(run).parent)) & (baselines["protocol"] == protocol)
+            ]
+            if members.empty:
+                continue
+            return (
+                [row["top1_error"] - members["top1_error"].mean()],
+                [row["top5_error"] - members["top5_error"].mean()],
+                VIEW_NAMES[protocol],
+                _where(row["dataset"], row["split"], row["bundled"]),
+            )
+        return None
+    variants = trained[trained["claim"] == claim]
+    for sweep, group in variants.groupby(variants["run"].map(_sweep)):
+        base = baselines[baselines["run"].map(_sweep) == sweep]
+        protocol = "ten_crop" if (group["protocol"] == "ten_crop").any() else "centre"
+        top1 = paired_deltas(
+            _per_seed(group, protocol, "top1_error"), _per_seed(base, protocol, "top1_error")
+        )
+        top5 = paired_deltas(
+            _per_seed(group, protocol, "top5_error"), _per_seed(base, protocol, "top5_error")
+        )
+        if top1:
+            first = group.iloc[0]
+            return (
+                top1,
+                top5,
+                VIEW_NAMES[protocol],
+                _where(first["dataset"], first["split"], first["bundled"]),
+            )
+    return None
+
+
+def cifar_table(figure1: dict | None, lrn: dict | None, claims: dict | None = None) -> pd.DataFrame:
+    """The two CIFAR-10 experiments: Figure 1's epoch ratio and §3.3's test errors."""
+    claims = claims or load_claims()
+    paper_lrn = claims["cifar10_lrn"]
+    ratio = "not run" if figure1 is None else figure1["tanh_over_relu"]
+    rows = [
+        {
+            "experiment": "Figure 1: tanh / ReLU epochs to 25% training error",
+            "section": "§3.1",
+            "paper": f"{claims['figure1']['tanh_over_relu_epochs']:g}",
+            "measured": ratio if isinstance(ratio, str) else f"{ratio:.2f}",
+            "data": "-" if figure1 is None else figure1["dataset"],
+        }
+    ]
+    names = (
+        ("without", "off", "test error without normalisation %"),
+        ("with", "lrn", "test error with normalisation %"),
+    )
+    for key, arm, label in names:
+        measured = "not run" if lrn is None else mean_ci(lrn["arms"][arm]["test_errors"]).text().lstrip("+")
+        paper = f"{paper_lrn[f'test_error_{key}_lrn']:g}"
+        data = "-" if lrn is None else lrn["dataset"]
+        rows.append(
+            {"experiment": label, "section": "§3.3", "paper": paper, "measured": measured, "data": data}
+        )
+    delta = "not run" if lrn is None else mean_ci(lrn["delta_per_seed"]).text()
+    rows.append(
+        {
+            "experiment": "difference (with - without) %",
+            "section": "§3.3",
+            "paper": f"{paper_lrn['test_error_with_lrn'] - paper_lrn['test_error_without_lrn']:+g}",
+            "measured": delta,
+            "data": "-" if lrn is None else lrn["dataset"],
+        }
+    )
+    return pd.DataFrame(rows)
+
+
+LATEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "%": r"\%",
+    "&": r"\&",
+    "_": r"\_",
+    "#": r"\#",
+    "$": r"\$",
+    "±": r"$\pm$",
+    "Δ": r"$\Delta$",
+    "§": r"\S{}",
+}
+
+
+def latex(table: pd.DataFrame) -> str:
+    """A LaTeX tabular (without pandas' optional jinja2 dependency)."""
+
+    def escape(value) -> str:
+        return "".join(LATEX_ESCAPES.get(char, char) for char in str(value))
+
+    lines = [
+        r"\begin{tabular}{" + "l" * len(table.columns) + "}",
+        r"\hline",
+        " & ".join(escape(c) for c in table.columns) + r" \\",
+        r"\hline",
+        *(" & ".join(escape(v) for v in row) + r" \\" for row in table.itertuples(index=False)),
+        r"\hline",
+        r"\end{tabular}",
+    ]
+    return "\n".join(lines)
+
+
+def write_table(table: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
+    """name.md, name.tex and name.csv in `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.md", out / f"{name}.tex", out / f"{name}.csv"]
+    paths[0].write_text(markdown(table) + "\n")
+    paths[1].write_text(latex(table) + "\n")
+    table.to_csv(paths[2], index=False)
+    return paths
+
+
+def all_tables(runs_root: str | Path) -> dict[str, pd.DataFrame]:
+    """Every table from the records under `runs_root`."""
+    records = load_records(runs_root)
+    figure1, lrn = (find_record(runs_root, name) for name in ("figure1.json", "lrn-cifar.json"))
+    return {
+        "table1": paper_table(records, 1),
+        "table2": paper_table(records, 2),
+        "ablations": ablation_table(records),
+        "cifar10": cifar_table(
+            json.loads(figure1.read_text()) if figure1 else None, json.loads(lrn.read_text()) if lrn else None
+        ),
+    }

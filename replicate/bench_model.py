@@ -155,6 +155,7 @@ def run(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch,
         "options": str(options),
+        "torch": f"{torch.__version__}; threads {torch.get_num_threads()}",
         "rates": rates,
         "macs": {
             name: multiply_adds(model.cpu().float())
@@ -164,11 +165,11 @@ def run(
     }
 
 
-def report(result: dict) -> str:
-    lines = [
-        f"device: {result['device']}; batch {result['batch']}; {result['options']}; "
-        f"torch {torch.__version__}; threads {torch.get_num_threads()}"
-    ]
+def report(result: dict, saved: bool = False) -> str:
+    versions = (
+        result.get("torch", "?") if saved else f"{torch.__version__}; threads {torch.get_num_threads()}"
+    )
+    lines = [f"device: {result['device']}; batch {result['batch']}; {result['options']}; torch {versions}"]
     for name, macs in result["macs"].items():
         lines.append(f"{name}: {macs / 1e9:.3f} G multiply-adds per 224x224 image")
     for phase, unit in (("train", "training images/s (fwd+bwd+step)"), ("ten_crop", "10-crop images/s")):
@@ -204,8 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="also print a profile of each contender's step"
     )
     parser.add_argument("--json", type=Path, help="also write the raw rates here")
+    parser.add_argument(
+        "--report", type=Path, nargs="+", help="print saved --json records instead of measuring"
+    )
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI: no meaningful timing")
     args = parser.parse_args(argv)
+    if args.report:
+        print("\n\n".join(report(json.loads(path.read_text()), saved=True) for path in args.report))
+        return 0
     options = Options(args.precision, args.channels_last, args.compile)
     if args.smoke:
         result = run(torch.device("cpu"), batch=2, repeats=1, steps=1, options=Options(channels_last=True))

@@ -1,0 +1,69 @@
+"""Run records as tables: every run directory (config.yaml + evaluation.json) under a runs folder,
+and the ensemble evaluations, one row per (run, protocol). Read only what runs wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+BUNDLED_DATASETS = {"imagenette"}  # the 10-class subset that ships with the project
+COLUMNS = [
+    "run", "name", "seed", "claim", "kind", "dataset", "split", "bundled", "protocol", "images",
+    "top1_error", "top5_error",
+]  # fmt: skip
+
+
+def _config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def load_records(root: str | Path) -> pd.DataFrame:
+    """One row per evaluation protocol of every finished run or ensemble under `root`."""
+    rows = []
+    for evaluation_path in sorted(Path(root).rglob("evaluation.json")):
+        run_dir = evaluation_path.parent
+        evaluation = json.loads(evaluation_path.read_text())
+        if "runs" in evaluation:  # an ensemble (runs.evaluate_runs): its members' configs
+            members = [Path(m) for m in evaluation["runs"]]
+            config = _config(members[0]) if members else {}
+            name, seed, kind = run_dir.name, None, "ensemble"
+            claim = "ensemble_5cnns" if name.startswith("ensemble") else ""
+        else:
+            config = _config(run_dir)
+            ablation = config.get("ablation", {}) or {}
+            name, kind = config.get("name", run_dir.parent.name), ablation.get("kind", "train")
+            seed, claim = config.get("train", {}).get("seed"), ablation.get("claim", "")
+        dataset = evaluation.get("dataset", config.get("data", {}).get("dataset", "?"))
+        for protocol, result in evaluation.get("views", {}).items():
+            rows.append(
+                {
+                    "run": str(run_dir),
+                    "name": name,
+                    "seed": seed,
+                    "claim": claim,
+                    "kind": kind,
+                    "dataset": dataset,
+                    "split": evaluation.get("split", "?"),
+                    "bundled": dataset in BUNDLED_DATASETS,
+                    "protocol": protocol,
+                    "images": result["images"],
+                    "top1_error": result["top1_error"],
+                    "top5_error": result["top5_error"],
+                }
+            )
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def training_runs(root: str | Path) -> list[Path]:
+    """Run directories with an epochs.csv (training curves), sorted."""
+    return sorted(path.parent for path in Path(root).rglob("epochs.csv"))
+
+
+def find_record(root: str | Path, filename: str) -> Path | None:
+    """The newest `filename` (figure1.json, lrn-cifar.json) under `root`, if any."""
+    found = sorted(Path(root).rglob(filename), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None

@@ -1,0 +1,182 @@
+"""`make report` (= `python -m analysis.report`): the tables and figures from the runs on disk.
+
+It executes the notebooks of analysis/notebooks headlessly (nbclient); each notebook calls one
+`make_*` function below and shows what it drew. Tables go to reports/tables (Markdown, LaTeX,
+CSV), figures to reports/figures (PNG, PDF), the executed notebooks to reports/notebooks. A figure
+whose runs do not exist yet is skipped with a message saying which command produces them.
+Folders: ALEXNET_RUNS (default runs/) and ALEXNET_REPORTS (default reports/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis import figures
+from analysis.records import find_record, load_records, training_runs
+from analysis.tables import all_tables, claim_deltas, markdown, write_table
+from replicate.paper import load_claims
+
+NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("ALEXNET_RUNS", "runs"))
+
+
+def reports_dir() -> Path:
+    return Path(os.environ.get("ALEXNET_REPORTS", "reports"))
+
+
+def figures_dir() -> Path:
+    return reports_dir() / "figures"
+
+
+def skipped(what: str, how: str) -> None:
+    print(f"skipped {what}: {how}")
+
+
+def make_tables() -> dict[str, pd.DataFrame]:
+    tables = all_tables(runs_dir())
+    for name, table in tables.items():
+        write_table(table, reports_dir() / "tables", name)
+        print(f"## {name}\n{markdown(table)}\n")
+    return tables
+
+
+def make_training_curves() -> list[Path] | None:
+    runs = training_runs(runs_dir())
+    if not runs:
+        return skipped(
+            "training curves", "no run with epochs.csv (make replicate, or python -m replicate train)"
+        )
+    return figures.save(figures.training_curves(runs), "training_curves", figures_dir())
+
+
+def make_figure1() -> list[Path] | None:
+    record_path = find_record(runs_dir(), "figure1.json")
+    if record_path is None:
+        return skipped("Figure 1", "no figure1.json (make figure1)")
+    record = json.loads(record_path.read_text())
+    curves = pd.read_csv(record_path.parent / "curves.csv")
+    return figures.save(figures.figure1(record, curves), "figure1", figures_dir())
+
+
+def trained_run() -> Path | None:
+    """The newest finished training run with a checkpoint (for Figures 3 and 4)."""
+    candidates = [
+        run
+        for run in training_runs(runs_dir())
+        if (run / "checkpoints" / "last.pt").is_file() and (run / "evaluation.json").is_file()
+    ]
+    return max(candidates, key=lambda run: (run / "evaluation.json").stat().st_mtime, default=None)
+
+
+def make_figure3() -> list[Path] | None:
+    run = trained_run()
+    if run is None:
+        return skipped("Figure 3", "no finished run with a checkpoint (make replicate)")
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    figure, means = figures.figure3(state)
+    print(f"{run}: mean colourfulness per column: {', '.join(f'{m:.3f}' for m in means)}")
+    return figures.save(figure, "figure3_conv1_kernels", figures_dir())
+
+
+def make_figure4(queries: int = 5, neighbours: int = 6, pool_limit: int = 5000) -> list[Path] | None:
+    """Test images and their nearest training images by FC7 distance (§6.1), from the newest run;
+    up to `pool_limit` training images are searched (evenly spaced through the store)."""
+    from replicate.data.loader import prepare
+    from replicate.data.transforms import Augment
+    from replicate.runs import load_model, run_config
+
+    run = trained_run()
+    if run is None:
+        return skipped("Figure 4", "no finished run with a checkpoint (make replicate)")
+    config = run_config(run)
+    model = load_model(run, config)
+    prepared = prepare(config.data)
+    augment = Augment(config.data.augment, prepared.stats)
+    train, test = prepared.train, prepared.eval
+    labels = test.labels.tolist()
+    picks = [labels.index(c) for c in sorted(set(labels))][:queries]  # one test image per class
+    pool = np.linspace(0, len(train) - 1, min(pool_limit, len(train))).astype(int).tolist()
+    nearest = figures.nearest(
+        figures.fc7_of(model, test, augment, picks), figures.fc7_of(model, train, augment, pool), neighbours
+    )
+    names = prepared.class_names
+    query_images = test.images(picks).numpy()
+    neighbour_images = np.stack([train.images([pool[i] for i in row]).numpy() for row in nearest.tolist()])
+    titles = [f"test: {names[labels[i]]}" for i in picks]
+    print(f"{run}: {len(picks)} test images against {len(pool)} training images")
+    return figures.save(
+        figures.figure4(query_images, neighbour_images, titles), "figure4_neighbours", figures_dir()
+    )
+
+
+def make_ablation_chart() -> list[Path] | None:
+    records = load_records(runs_dir())
+    claims = load_claims()["ablations"]
+    deltas, paper = {}, {}
+    for claim in claims:
+        found = claim_deltas(claim["id"], records)
+        if found is not None:
+            deltas[claim["variant"]] = found[0]
+            paper[claim["variant"]] = claim.get("top1_delta")
+    if not deltas:
+        return skipped("the ablation chart", "no ablation runs (make ablations)")
+    return figures.save(figures.ablation_chart(deltas, paper), "ablations", figures_dir())
+
+
+def execute_notebooks() -> int:
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    out = reports_dir() / "notebooks"
+    out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        notebook = nbformat.read(path, as_version=4)
+        started = time.perf_counter()
+        try:
+            NotebookClient(
+                notebook,
+                timeout=1800,
+                kernel_name="python3",
+                resources={"metadata": {"path": str(Path.cwd())}},
+            ).execute()
+            status = "ok"
+        except CellExecutionError as error:
+            failed.append(path.name)
+            status = f"FAILED: {str(error).strip().splitlines()[-1]}"
+        nbformat.write(notebook, out / path.name)
+        print(f"{path.name}: {status} ({time.perf_counter() - started:.0f} s)")
+    return 1 if failed else 0
+
+
+def main() -> int:
+    runs = runs_dir()
+    if not runs.is_dir() or not any(runs.rglob("evaluation.json")) and not any(runs.rglob("figure1.json")):
+        print(
+            f"no runs under {runs}/ yet: nothing to report. Make some first: `make replicate` (a training "
+            "run), `make figure1`, `make lrn-cifar`, `make ablations`; or set ALEXNET_RUNS to a runs folder.",
+            file=sys.stderr,
+        )
+        return 2
+    code = execute_notebooks()
+    produced = sorted(p.name for p in figures_dir().glob("*.png")) if figures_dir().is_dir() else []
+    print(
+        f"figures in {figures_dir()}: {', '.join(produced) or 'none'}; tables in {reports_dir() / 'tables'}"
+    )
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

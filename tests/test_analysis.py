@@ -1,0 +1,211 @@
+"""Tables from synthetic run records (known numbers in, known rows out), the CI, and `make report`
+end to end on tiny real runs made here."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from analysis.figures import colourfulness
+from analysis.records import load_records
+from analysis.stats import mean_ci, paired_deltas
+from analysis.tables import ablation_table, all_tables, cifar_table, latex, paper_table, write_table
+from replicate.data.sources import BUNDLED_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student's t quantiles, df = n - 1
+
+
+def write_run(root: Path, sweep: str, name: str, seed: int, errors: dict, dataset="ilsvrc2012", claim=""):
+    run = root / sweep / name / f"seed{seed}"
+    run.mkdir(parents=True)
+    config = {
+        "name": name,
+        "train": {"seed": seed},
+        "data": {"dataset": dataset},
+        "ablation": {"claim": claim, "kind": "train"},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    views = {v: {"images": 50000, "top1_error": e[0], "top5_error": e[1]} for v, e in errors.items()}
+    split = "test" if dataset == "ilsvrc2010" else "val"
+    (run / "evaluation.json").write_text(json.dumps({"dataset": dataset, "split": split, "views": views}))
+    return run
+
+
+def test_mean_ci_is_the_t_interval():
+    estimate = mean_ci([1.0, 2.0, 3.0])
+    assert estimate.mean == 2.0 and estimate.n == 3
+    assert estimate.half_width == pytest.approx(T_975[2] * 1.0 / math.sqrt(3))
+    assert estimate.text() == f"+2.00 ± {T_975[2] / math.sqrt(3):.2f}"
+    assert mean_ci([4.0]).text() == "+4.00 (n=1, no CI)" and mean_ci([]).text() == "not run"
+    assert paired_deltas({0: 5.0, 1: 7.0, 2: 1.0}, {0: 4.0, 1: 4.0}) == [1.0, 3.0]
+
+
+@pytest.fixture
+def records(tmp_path):
+    sweep = "ablations-full"
+    for seed, (top1, top5) in enumerate([(40.0, 18.0), (41.0, 18.5), (42.0, 19.0)]):
+        write_run(
+            tmp_path, sweep, "baseline", seed, {"ten_crop": (top1, top5), "centre": (top1 + 2, top5 + 1)}
+        )
+    for seed, (top1, top5) in enumerate(
+        [(41.0, 19.0), (43.0, 19.5), (42.0, 20.0)]
+    ):  # deltas 1, 2, 0 / 1, 1, 1
+        write_run(tmp_path, sweep, "no_lrn", seed, {"ten_crop": (top1, top5)}, claim="no_lrn")
+    ensemble = tmp_path / sweep / "ensemble_5cnns"
+    ensemble.mkdir()
+    members = [str(tmp_path / sweep / "baseline" / f"seed{s}") for s in range(3)]
+    views = {"ten_crop": {"images": 50000, "top1_error": 38.0, "top5_error": 16.0}}
+    (ensemble / "evaluation.json").write_text(
+        json.dumps({"dataset": "ilsvrc2012", "split": "val", "runs": members, "views": views})
+    )
+    write_run(
+        tmp_path, "replicate-bundled", "replicate-bundled", 0, {"centre": (82.0, 33.0)}, dataset="imagenette"
+    )
+    return tmp_path
+
+
+def test_table2_rows_carry_paper_measured_difference_and_protocol(records):
+    table = paper_table(load_records(records), 2)
+    one_cnn = table[(table["model"] == "1 CNN") & (table["data"] == "ilsvrc2012 val")]
+    ten = one_cnn[one_cnn["protocol"] == "10 crops"].iloc[0]
+    assert ten["paper top-1 %"] == "40.7" and ten["n"] == 3
+    assert ten["measured top-1 %"] == f"41.00 ± {T_975[2] / math.sqrt(3):.2f}"  # mean 41, sd 1
+    assert ten["Δ top-1"] == "+0.30" and ten["Δ top-5"] == "+0.30"
+    assert (one_cnn["protocol"] == "centre crop").any()  # every measured protocol has its own row
+    five = table[table["model"] == "5 CNNs"].iloc[0]
+    assert five["measured top-1 %"] == "38.00 (n=1, no CI)" and five["Δ top-1"] == "-0.10"
+    assert (table[table["model"] == "7 CNNs*"]["measured top-1 %"] == "not run").all()
+    bundled = table[table["data"].str.contains("bundled")]
+    assert len(bundled) == 1 and "NOT comparable" in bundled.iloc[0]["data"]
+    assert bundled.iloc[0]["Δ top-1"] == "n/a" and bundled.iloc[0]["protocol"] == "centre crop"
+    table1 = paper_table(load_records(records), 1)
+    assert (table1["measured top-1 %"] == "not run").all()  # no ILSVRC-2010 runs
+
+
+def test_ablation_table_pairs_seeds_and_says_not_run(records):
+    table = ablation_table(load_records(records)).set_index("comparison")
+    row = table.loc["no local response normalisation"]
+    assert row["paper Δ top-1"] == "+1.4" and row["n"] == 3 and row["protocol"] == "10 crops"
+    assert row["measured Δ top-1"] == f"+1.00 ± {T_975[2] / math.sqrt(3):.2f}"  # deltas 1, 2, 0
+    assert row["measured Δ top-5"] == "+1.00 ± 0.00"  # deltas 1, 1, 1
+    views = table.loc["centre crop only at test, instead of 10 crops"]
+    assert views["measured Δ top-1"] == "+2.00 ± 0.00" and views["protocol"] == "centre vs 10 crops"
+    ensemble = table.loc["average of 5 CNNs instead of 1"]
+    assert ensemble["measured Δ top-1"] == "-3.00 (n=1, no CI)"  # 38 - mean(40, 41, 42)
+    assert table.loc["tanh units instead of ReLUs", "measured Δ top-1"] == "not run"
+    assert table.loc["no PCA colour augmentation", "paper Δ top-1"] == "over +1"
+
+
+def test_cifar_table_and_the_three_formats(records, tmp_path):
+    lrn = {
+        "dataset": "JPEG-compressed CIFAR-10",
+        "arms": {"off": {"test_errors": [30.0, 32.0]}, "lrn": {"test_errors": [29.0, 30.0]}},
+        "delta_per_seed": [-1.0, -2.0],
+    }
+    table = cifar_table(None, lrn)
+    assert table.iloc[0]["measured"] == "not run" and table.iloc[0]["paper"] == "6"
+    sd = math.sqrt(0.5)  # of -1 and -2
+    assert table.iloc[3]["measured"] == f"-1.50 ± {12.706204736174698 * sd / math.sqrt(2):.2f}"
+    paths = write_table(table, tmp_path / "out", "cifar10")
+    assert pd.read_csv(paths[2]).shape == table.shape
+    assert "| §3.3 |" in paths[0].read_text() and r"\S{}3.3" in paths[1].read_text()
+    assert latex(pd.DataFrame({"a": ["1 ± 2 %"]})).count(r"$\pm$ 2 \%") == 1
+    assert set(all_tables(records)) == {"table1", "table2", "ablations", "cifar10"}
+
+
+def test_colourfulness_separates_grey_from_colour_kernels():
+    grey = torch.randn(4, 1, 11, 11).repeat(1, 3, 1, 1)
+    colour = torch.randn(4, 3, 11, 11)
+    assert colourfulness(grey).max() < 1e-6
+    assert colourfulness(colour).min() > 0.5
+
+
+def report(runs: Path, reports: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ALEXNET_RUNS": str(runs), "ALEXNET_REPORTS": str(reports)}
+    return subprocess.run(
+        [sys.executable, "-m", "analysis.report"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_report_says_when_there_are_no_runs(tmp_path):
+    result = report(tmp_path / "runs", tmp_path / "reports")
+    assert result.returncode == 2 and "no runs under" in result.stderr and "make replicate" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")
+def test_make_report_on_tiny_runs_writes_every_figure_and_table(tmp_path):
+    runs = tmp_path / "runs"
+    tiny = [
+        "data.limit_per_class=2",
+        "data.batch_size=8",
+        "data.workers=0",
+        "train.epochs=2",
+        "train.eval_batch_size=20",
+        "train.log_every=1",
+        "tracking.wandb=off",
+        f"train.runs_dir={runs}",
+    ]
+    sweep = [
+        sys.executable,
+        "-m",
+        "replicate",
+        "ablate",
+        "--preset",
+        "bundled",
+        "--only",
+        "no_lrn",
+        "--seeds",
+        "0",
+    ]
+    result = subprocess.run([*sweep, *tiny], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    figure1 = [
+        sys.executable,
+        "-m",
+        "replicate",
+        "figure1",
+        "train_images=256",
+        "max_epochs=2",
+        "relu_lrs=[0.004]",
+        "tanh_lrs=[0.004]",
+        "threshold=99",
+        "seeds=[0]",
+        f"out_dir={runs / 'figure1'}",
+    ]
+    assert subprocess.run(figure1, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    result = subprocess.run(
+        ["make", "report", f"PY={sys.executable}", "STAMP="],
+        cwd=ROOT,
+        env={**os.environ, "ALEXNET_RUNS": str(runs), "ALEXNET_REPORTS": str(tmp_path / "reports")},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = tmp_path / "reports" / "figures"
+    names = ["training_curves", "figure1", "figure3_conv1_kernels", "figure4_neighbours", "ablations"]
+    for name in names:
+        for suffix in (".png", ".pdf"):
+            assert (figures / f"{name}{suffix}").stat().st_size > 1000, name + suffix
+    for name in ("table1", "table2", "ablations", "cifar10"):
+        for suffix in (".md", ".tex", ".csv"):
+            assert (tmp_path / "reports" / "tables" / f"{name}{suffix}").is_file()
+    ablations = pd.read_csv(tmp_path / "reports" / "tables" / "ablations.csv").set_index("comparison")
+    measured = ablations.loc["no local response normalisation"]
+    assert measured["n"] == 1 and "bundled" in measured["data"] and measured["measured Δ top-1"] != "not run"
+    executed = sorted(p.name for p in (tmp_path / "reports" / "notebooks").glob("*.ipynb"))
+    assert len(executed) == 6
