@@ -67,3 +67,39 @@ def find_record(root: str | Path, filename: str) -> Path | None:
     """The newest `filename` (figure1.json, lrn-cifar.json) under `root`, if any."""
     found = sorted(Path(root).rglob(filename), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
+
+
+def load_wandb_records(path: str, api=None) -> pd.DataFrame:
+    """The finished runs of a W&B project ('entity/project') as `load_records` rows, from each run's
+    config and the summary the tracker writes ('centre/top1_error', ...). Needs the network and a
+    login (wandb.Api); `api` is for tests. A run's sweep is its W&B group."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    rows = []
+    for run in api.runs(path, filters={"state": "finished"}):
+        config, summary = dict(run.config), dict(run.summary)
+        data, ablation = config.get("data", {}), config.get("ablation", {}) or {}
+        name, seed = config.get("name", run.name), config.get("train", {}).get("seed")
+        dataset = data.get("dataset", "?")
+        for protocol in ("centre", "ten_crop"):
+            if f"{protocol}/top1_error" not in summary:
+                continue
+            rows.append(
+                {
+                    "run": f"wandb:{run.group or 'ungrouped'}/{name}/seed{seed}",
+                    "name": name,
+                    "seed": seed,
+                    "claim": ablation.get("claim", ""),
+                    "kind": ablation.get("kind", "train"),
+                    "dataset": dataset,
+                    "split": data.get("eval_split", "val"),
+                    "bundled": dataset in BUNDLED_DATASETS,
+                    "protocol": protocol,
+                    "images": summary.get(f"{protocol}/images"),
+                    "top1_error": summary[f"{protocol}/top1_error"],
+                    "top5_error": summary[f"{protocol}/top5_error"],
+                }
+            )
+    return pd.DataFrame(rows, columns=COLUMNS)

@@ -4,7 +4,8 @@ It executes the notebooks of analysis/notebooks headlessly (nbclient); each note
 `make_*` function below and shows what it drew. Tables go to reports/tables (Markdown, LaTeX,
 CSV), figures to reports/figures (PNG, PDF), the executed notebooks to reports/notebooks. A figure
 whose runs do not exist yet is skipped with a message saying which command produces them.
-Folders: ALEXNET_RUNS (default runs/) and ALEXNET_REPORTS (default reports/).
+Folders: ALEXNET_RUNS (default runs/) and ALEXNET_REPORTS (default reports/); ALEXNET_WANDB_PROJECT
+('entity/project') adds that W&B project's finished runs to the tables (online only).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def skipped(what: str, how: str) -> None:
 
 
 def make_tables() -> dict[str, pd.DataFrame]:
-    tables = all_tables(runs_dir())
+    """Also reads the W&B project named by ALEXNET_WANDB_PROJECT ('entity/project'), when set."""
+    tables = all_tables(runs_dir(), os.environ.get("ALEXNET_WANDB_PROJECT"))
     for name, table in tables.items():
         write_table(table, reports_dir() / "tables", name)
         print(f"## {name}\n{markdown(table)}\n")

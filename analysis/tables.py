@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.records import find_record, load_records
+from analysis.records import find_record, load_records, load_wandb_records
 from analysis.stats import Estimate, mean_ci, paired_deltas
 from replicate.paper import load_claims, paper_result
 
@@ -333,9 +333,11 @@ def write_table(table: pd.DataFrame, out_dir: str | Path, name: str) -> list[Pat
     return paths
 
 
-def all_tables(runs_root: str | Path) -> dict[str, pd.DataFrame]:
-    """Every table from the records under `runs_root`."""
+def all_tables(runs_root: str | Path, wandb_project: str | None = None) -> dict[str, pd.DataFrame]:
+    """Every table from the records under `runs_root`, plus a W&B project's runs when given."""
     records = load_records(runs_root)
+    if wandb_project:
+        records = pd.concat([records, load_wandb_records(wandb_project)], ignore_index=True)
     figure1, lrn = (find_record(runs_root, name) for name in ("figure1.json", "lrn-cifar.json"))
     return {
         "table1": paper_table(records, 1),

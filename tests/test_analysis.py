@@ -209,3 +209,39 @@ def test_make_report_on_tiny_runs_writes_every_figure_and_table(tmp_path):
     assert measured["n"] == 1 and "bundled" in measured["data"] and measured["measured Δ top-1"] != "not run"
     executed = sorted(p.name for p in (tmp_path / "reports" / "notebooks").glob("*.ipynb"))
     assert len(executed) == 6
+
+
+class FakeRun:
+    def __init__(self, seed, claim, top1):
+        self.name, self.group = f"run{seed}", "ablations-full"
+        self.config = {
+            "name": "no_lrn" if claim else "baseline",
+            "train": {"seed": seed},
+            "data": {"dataset": "ilsvrc2012", "eval_split": "val"},
+            "ablation": {"claim": claim},
+        }
+        self.summary = {
+            "ten_crop/images": 50000,
+            "ten_crop/top1_error": top1,
+            "ten_crop/top5_error": top1 / 2,
+        }
+
+
+class FakeApi:
+    def runs(self, path, filters):
+        assert path == "me/alexnet-2012" and filters == {"state": "finished"}
+        return [
+            FakeRun(0, "", 40.0),
+            FakeRun(1, "", 41.0),
+            FakeRun(0, "no_lrn", 42.0),
+            FakeRun(1, "no_lrn", 42.0),
+        ]
+
+
+def test_wandb_runs_become_the_same_records():
+    from analysis.records import load_wandb_records
+
+    records = load_wandb_records("me/alexnet-2012", api=FakeApi())
+    assert len(records) == 4 and set(records["protocol"]) == {"ten_crop"}
+    row = ablation_table(records).set_index("comparison").loc["no local response normalisation"]
+    assert row["n"] == 2 and row["measured Δ top-1"].startswith("+1.50 ± ")  # deltas 2 and 1
