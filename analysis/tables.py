@@ -9,7 +9,7 @@ import pandas as pd
 
 from analysis.records import find_record, load_records, load_wandb_records
 from analysis.stats import Estimate, mean_ci, paired_deltas
-from replicate.paper import load_claims, paper_result
+from replicate.paper import LAB_PROTOCOLS, lab_delta, lab_record, load_claims, paper_result
 
 # Which paper row a measurement is compared with, by data set and split.
 PAPER_ROW = {("ilsvrc2012", "val"): "table2_1cnn", ("ilsvrc2010", "test"): "table1_cnn"}
@@ -125,10 +125,21 @@ def paper_table(records: pd.DataFrame, table: int, claims: dict | None = None) -
 
 
 def _paper_columns(paper: dict) -> dict:
+    """The paper's numbers and protocol, and the 2012 code's recorded run of the same net."""
+
     def value(key: str) -> str:
         return "-" if paper.get(key) is None else f"{paper[key]:g}"
 
-    return {"paper top-1 %": value("top1_error"), "paper top-5 %": value("top5_error")}
+    lab = lab_record(paper["id"])
+    cnn = "CNN" in paper["model"]
+    return {
+        "paper top-1 %": value("top1_error"),
+        "paper top-5 %": value("top5_error"),
+        "paper protocol": "10 crops (§4.1)" if cnn else "-",
+        "2012 code log top-1 %": f"{lab['top1_error']:g}" if lab else "-",
+        "2012 code log top-5 %": f"{lab['top5_error']:g}" if lab else "-",
+        "2012 log protocol": f"{LAB_PROTOCOLS[lab['protocol']]} ({lab['config']})" if lab else "-",
+    }
 
 
 def _measured(subset: pd.DataFrame, paper: dict, protocol: str, comparable: bool = True) -> dict:
@@ -166,11 +177,15 @@ def ablation_table(records: pd.DataFrame, claims: dict | None = None) -> pd.Data
     rows = []
     for claim in claims["ablations"]:
         bound = {"at_least": "over ", "about": "about "}.get(claim.get("bound", ""), "")
+        lab, lab_variant = lab_delta(claim["id"]), lab_record(claim["id"])
         row = {
             "comparison": claim["variant"],
             "section": claim["section"],
             "paper Δ top-1": f"{bound}{claim['top1_delta']:+g}" if "top1_delta" in claim else "not reported",
             "paper Δ top-5": f"{claim['top5_delta']:+g}" if "top5_delta" in claim else "not reported",
+            "2012 log Δ top-1": f"{lab[0]:+.2f}" if lab else "not recorded",
+            "2012 log Δ top-5": f"{lab[1]:+.2f}" if lab else "not recorded",
+            "2012 log protocol": LAB_PROTOCOLS[lab_variant["protocol"]] if lab else "-",
         }
         deltas = claim_deltas(claim["id"], records)
         if deltas is None:

@@ -245,3 +245,31 @@ def test_wandb_runs_become_the_same_records():
     assert len(records) == 4 and set(records["protocol"]) == {"ten_crop"}
     row = ablation_table(records).set_index("comparison").loc["no local response normalisation"]
     assert row["n"] == 2 and row["measured Δ top-1"].startswith("+1.50 ± ")  # deltas 2 and 1
+
+
+def test_tables_show_paper_2012_log_and_measured_with_protocols(records):
+    table = paper_table(load_records(records), 2).set_index("model")
+    one = table.loc["1 CNN"].iloc[0]
+    assert (one["paper top-1 %"], one["2012 code log top-1 %"], one["2012 code log top-5 %"]) == (
+        "40.7",
+        "40.66",
+        "18.21",
+    )
+    assert one["paper protocol"] == "10 crops (§4.1)" and "layers-145.cfg" in one["2012 log protocol"]
+    assert table.loc["5 CNNs", "2012 code log top-1 %"] == "-"  # no recorded run of the ensemble
+    table1 = paper_table(load_records(records), 1).set_index("model")
+    assert (
+        table1.loc["CNN", "2012 code log top-1 %"] == "37.47"
+        and "10 crops" in table1.loc["CNN", "2012 log protocol"]
+    )
+    ablations = ablation_table(load_records(records)).set_index("comparison")
+    lrn = ablations.loc["no local response normalisation"]
+    assert (lrn["paper Δ top-1"], lrn["2012 log Δ top-1"], lrn["2012 log Δ top-5"]) == (
+        "+1.4",
+        "+1.37",
+        "+1.15",
+    )
+    assert lrn["protocol"] == "10 crops"  # the measured protocol, on every measured row
+    assert ablations.loc["tanh units instead of ReLUs", "2012 log Δ top-1"] == "not recorded"
+    no_comm = [c for c in ablations.index if c.startswith("no column communication")]
+    assert ablations.loc[no_comm[0], "2012 log Δ top-1"] == "+1.17"

@@ -55,3 +55,31 @@ def test_figure1_cifar_and_training_facts():
     assert training["batch_size"] == 128 and training["epochs"] == 90
     assert training["training_days"] == [5, 6] and training["neurons"] == 650_000
     assert training["parameters"] == 60_000_000
+
+
+def test_the_2012_lab_notebook_parses_and_holds_the_recorded_runs():
+    from replicate.paper import LAB_PROTOCOLS, lab_delta, lab_record, load_lab_notebook
+
+    records = {r["id"]: r for r in load_lab_notebook()}
+    expected = {  # spec §11: cfg -> recorded top-1 / top-5
+        "c145": (40.66, 18.21),
+        "c145_135": (40.25, 17.99),
+        "c145_2010": (37.47, 17.00),
+        "c145_2010_centre": (39.02, 18.30),
+        "c148": (42.03, 19.36),
+        "c147": (41.06, 18.51),
+        "c145_half": (39.17, 18.23),
+        "c150": (41.83, 19.33),
+        "c146_2012_2011": (38.99, 16.62),
+    }
+    assert {k: (r["top1_error"], r["top5_error"]) for k, r in records.items()} == expected
+    claims = load_claims()
+    known = {r["id"] for r in claims["results"]} | {a["id"] for a in claims["ablations"]}
+    for record in records.values():
+        assert record["protocol"] in LAB_PROTOCOLS and record["config"] and record["comment"]
+        assert record.get("compares_with", "table1_cnn") in known, record["id"]
+        assert record.get("baseline", "c145") in records
+    assert lab_record("table2_1cnn")["id"] == "c145" and lab_record("tanh") is None
+    assert lab_delta("no_lrn") == pytest.approx((1.37, 1.15))  # "1.4% top-1 worse than 145"
+    assert lab_delta("ten_crop") == pytest.approx((1.55, 1.30))  # centre only vs multiview, 2010
+    assert lab_delta("no_column_communication") == pytest.approx((41.83 - 40.66, 19.33 - 18.21))
