@@ -39,6 +39,9 @@ class ModelConfig(Section):
     remove_conv: Literal[0, 2, 3, 4] = 0  # §7: remove one middle conv layer (0 keeps all)
     dropout: DropoutRule = "paper"  # §4.2: paper's test-time x0.5 rule, PyTorch's inverted, off
     dropout_p: float = 0.5  # §4.2: probability of dropping a hidden unit of FC6 and FC7
+    # §3.2/Figure 2: conv3, FC6 and FC7 read both columns. False: every layer but FC8 reads only its
+    # own column (the 2012 code's #150, an ablation the paper never reported).
+    column_communication: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()  # Literal choices
@@ -169,12 +172,12 @@ def plan_stages(config: ModelConfig) -> list[Stage]:
     channels, crosses = 3, False
     for layer in CONV_LAYERS:
         if layer.name == f"conv{config.remove_conv}":
-            crosses = crosses or layer.reads_both_columns
+            crosses = crosses or (layer.reads_both_columns and config.column_communication)
             if layer.pooled:
                 last = stages[-1]
                 stages[-1] = Stage(last.layer, last.in_channels, last.reads_both_columns, last.pools + 1)
             continue
-        crosses = crosses or layer.reads_both_columns
+        crosses = crosses or (layer.reads_both_columns and config.column_communication)
         in_channels = channels * config.columns if crosses and layer.name != "conv1" else channels
         stages.append(Stage(layer, in_channels, crosses, int(layer.pooled)))
         channels, crosses = widths[layer.name], False
@@ -217,7 +220,8 @@ class Column(nn.Module):
                 block.append(response_norm(config.lrn, config.lrn_k))  # within this column only
             block += [make_pool(config.pooling) for _ in range(stage.pools)]
             self.convs[name] = nn.Sequential(*block)
-        hidden = widths["fc6"] * config.columns  # FC7 reads every FC6 unit of every column
+        # FC7 reads every FC6 unit of every column (of its own, without column communication)
+        hidden = widths["fc6"] * (config.columns if config.column_communication else 1)
         self.fc6 = nn.Sequential(nn.Linear(fc6_inputs, widths["fc6"]), make_activation(config.activation))
         self.dropout6 = make_dropout(config.dropout, config.dropout_p)
         self.fc7 = nn.Sequential(nn.Linear(hidden, widths["fc7"]), make_activation(config.activation))
@@ -249,7 +253,8 @@ class AlexNet(nn.Module):
         self.stages = plan_stages(config)
         side = feature_side(config, self.stages)
         last = WIDTHS[config.columns][self.stages[-1].layer.name]
-        fc6_inputs = last * side * side * config.columns  # FC6 reads both columns' pooled maps
+        # FC6 reads both columns' pooled maps (only its own without column communication)
+        fc6_inputs = last * side * side * (config.columns if config.column_communication else 1)
         self.columns = nn.ModuleList(Column(config, self.stages, fc6_inputs) for _ in range(config.columns))
         self.fc8 = nn.Linear(WIDTHS[config.columns]["fc7"] * config.columns, num_classes)
         self.conv1_padding = conv1_padding(config.input_size)
@@ -295,6 +300,8 @@ class AlexNet(nn.Module):
         """Each column's input to `layer`: all columns' outputs, concatenated on its own device.
         The only place activations move between columns (and so between devices)."""
         devices = self.column_devices()
+        if not self.config.column_communication:  # #150: each column keeps its own
+            return parts
         if len(set(devices)) == 1:  # one device: one concatenation serves every column
             return [torch.cat(parts, dim=1)] * len(devices)
         return [torch.cat([part.to(device) for part in parts], dim=1) for device in devices]
@@ -345,7 +352,11 @@ class AlexNet(nn.Module):
         if self.fuses_columns():
             padded = F.pad(images, (0, self.conv1_padding, 0, self.conv1_padding))
             # (N, 2C, 6, 6).flatten(1) is column A's flattened maps, then column B's: FC6's input
-            hidden = [self._fused_conv_stack(padded).flatten(1)] * 2
+            maps = self._fused_conv_stack(padded)
+            if self.config.column_communication:
+                hidden = [maps.flatten(1)] * 2
+            else:
+                hidden = [part.flatten(1) for part in maps.chunk(2, dim=1)]
         else:
             maps = self._conv_stack(images)
             hidden = self._exchange([m.flatten(1) for m in maps], "fc6")

@@ -214,6 +214,7 @@ VARIANTS = [
     {"dropout": "off"},
     {"dropout": "inverted"},
     {"num_classes": 7},
+    {"column_communication": False},
 ]
 
 
@@ -265,6 +266,29 @@ def test_fused_path_is_used_only_on_one_device():
     assert AlexNet(10, fused=True).fuses_columns() and not AlexNet(10).fuses_columns()
     assert not AlexNet(10, devices=("cpu", "meta"), fused=True).fuses_columns()
     assert not AlexNet(10, columns=1, fused=True).fuses_columns()
+
+
+def test_without_column_communication_only_fc8_reads_both_columns(images):
+    """#150 of the 2012 code: conv3, FC6 and FC7 read their own column; FC8 still reads both."""
+    model = AlexNet(10, column_communication=False)
+    outputs = record_outputs(model)
+    model(images)
+    a_conv1, b_fc7 = outputs["column0.convs.conv1.0"], outputs["column1.fc7.0"]
+    (grad,) = torch.autograd.grad(
+        b_fc7.sum(), a_conv1, retain_graph=True, allow_unused=True, materialize_grads=True
+    )
+    assert torch.count_nonzero(grad) == 0, "column B's FC7 must not read column A"
+    (grad,) = torch.autograd.grad(outputs["fc8"].sum(), a_conv1)
+    assert torch.count_nonzero(grad) > 0, "FC8 reads both columns"
+    conv3 = model.columns[1].convs["conv3"][0]
+    assert conv3.in_channels == 128 and model.columns[1].fc6[0].in_features == 128 * 6 * 6
+    assert model.columns[1].fc7[0].in_features == 2048 and model.fc8.in_features == 4096
+    # The paper's net less the cross-column halves of conv3, FC6 and FC7's weights.
+    removed = 2 * (192 * 128 * 9 + 2048 * 128 * 36 + 2048 * 2048)
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == sum(p.numel() for p in AlexNet(10).parameters()) - removed
+    )
 
 
 def test_non_overlapping_pooling_keeps_the_sizes(images):
