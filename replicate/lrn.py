@@ -117,6 +117,27 @@ class ResponseNorm(nn.Module):
         return f"size={self.size}, alpha={self.alpha:g} (per squared map), beta={self.beta}, k={self.k}"
 
 
+class SpatialResponseNorm(nn.Module):
+    """The 2012 code's `rnorm` layer that config #145 puts after LRN2 (not in the paper):
+    b = a / (k + scale / size^2 * sum of a^2 over the size x size neighbourhood in the same map)^pow,
+    the neighbourhood clipped at the image border (original: layer.py, ResponseNormLayerParser, which
+    divides `scale` by size^2 as cmrnorm divides by size). #145: size 5, scale 0.001, pow 0.75; k is
+    not set there, so the layer's own 1 (INFERRED: paper/fidelity.md)."""
+
+    def __init__(self, size: int = 5, scale: float = 0.001, power: float = 0.75, k: float = 1.0) -> None:
+        super().__init__()
+        self.size, self.scale, self.power, self.k = size, scale, power, k
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        # avg_pool2d counting the zero padding is the neighbourhood's sum / size^2: clipped at the border
+        mean = F.avg_pool2d(maps * maps, self.size, 1, self.size // 2, count_include_pad=True)
+        return maps * (self.k + self.scale * mean).pow(-self.power)
+
+    def extra_repr(self) -> str:
+        size = f"{self.size}x{self.size}"
+        return f"size={size}, scale={self.scale:g} / {self.size**2}, pow={self.power}, k={self.k}"
+
+
 def response_norm(rule: LRNRule, k: float = PAPER_K) -> nn.Module:
     """The normalisation a layer gets under `rule`.
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicate.config import ConfigError, Section
-from replicate.lrn import LRNRule, ResponseNorm, response_norm
+from replicate.lrn import LRNRule, ResponseNorm, SpatialResponseNorm, response_norm
 
 Activation = Literal["relu", "tanh"]
 Pooling = Literal["overlapping", "non_overlapping"]
@@ -42,6 +42,10 @@ class ModelConfig(Section):
     # §3.2/Figure 2: conv3, FC6 and FC7 read both columns. False: every layer but FC8 reads only its
     # own column (the 2012 code's #150, an ablation the paper never reported).
     column_communication: bool = True
+    # The 2012 code's config #145 where it differs from the paper (`fidelity: code2012` sets all):
+    lrn1_before_relu: bool = False  # #145: conv1 -> LRN -> ReLU; the paper (§3.5): ReLU, then LRN
+    spatial_norm: bool = False  # #145: a 5x5 spatial rnorm after LRN2 (not in the paper)
+    init: Literal["paper", "code2012"] = "paper"  # §5: std 0.01 everywhere; #145: 0.03 in conv3-5
 
     def __post_init__(self) -> None:
         super().__post_init__()  # Literal choices
@@ -99,6 +103,7 @@ WIDTHS = {
 # as well as in the fully-connected hidden layers, with the constant 1 ... the remaining with 0."
 BIAS_ONE = frozenset({"conv2", "conv4", "conv5", "fc6", "fc7"})
 INIT_STD = 0.01  # §5: weights from N(0, 0.01^2) in every layer
+CODE2012_INIT_STD = {"conv3": 0.03, "conv4": 0.03, "conv5": 0.03}  # #145's initW; 0.01 elsewhere
 
 
 def conv1_padding(input_size: int, kernel: int = 11, stride: int = 4) -> int:
@@ -217,7 +222,13 @@ class Column(nn.Module):
                 make_activation(config.activation),
             ]
             if stage.layer.normalised:
-                block.append(response_norm(config.lrn, config.lrn_k))  # within this column only
+                norm = response_norm(config.lrn, config.lrn_k)  # within this column only
+                if name == "conv1" and config.lrn1_before_relu:
+                    block.insert(1, norm)  # #145: conv1's LRN reads the conv output, before the ReLU
+                else:
+                    block.append(norm)
+                if name == "conv2" and config.spatial_norm:
+                    block.append(SpatialResponseNorm())
             block += [make_pool(config.pooling) for _ in range(stage.pools)]
             self.convs[name] = nn.Sequential(*block)
         # FC7 reads every FC6 unit of every column (of its own, without column communication)
@@ -271,9 +282,11 @@ class AlexNet(nn.Module):
 
     @torch.no_grad()
     def initialise(self) -> None:
-        """§5: weights N(0, 0.01^2); biases 1 in conv2, conv4, conv5, FC6, FC7, else 0."""
+        """§5: weights N(0, 0.01^2); biases 1 in conv2, conv4, conv5, FC6, FC7, else 0.
+        init=code2012: #145's std 0.03 in conv3-5."""
+        stds = CODE2012_INIT_STD if self.config.init == "code2012" else {}
         for name, layer in self.named_layers():
-            layer.weight.normal_(0.0, INIT_STD)
+            layer.weight.normal_(0.0, stds.get(name, INIT_STD))
             layer.bias.fill_(1.0 if name in BIAS_ONE else 0.0)
 
     def named_layers(self) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
@@ -337,14 +350,10 @@ class AlexNet(nn.Module):
             bias = torch.cat([conv.bias for conv in convs])
             groups = 1 if stage.reads_both_columns or name == "conv1" else 2
             maps = F.conv2d(maps, weight, bias, convs[0].stride, convs[0].padding, groups=groups)
-            block = self.columns[0].convs[name]  # conv, activation, [LRN], pools: same in each column
-            maps = block[1](maps)
-            rest = list(block)[2:]
-            if stage.layer.normalised:
-                norm = rest.pop(0)
-                maps = norm(maps, groups=2) if isinstance(norm, ResponseNorm) else norm(maps)
-            for pool in rest:
-                maps = pool(maps)
+            # conv, activation, norms, pools: the same modules in each column. The LRN reads its
+            # column's maps only; the rest act per map.
+            for module in list(self.columns[0].convs[name])[1:]:
+                maps = module(maps, groups=2) if isinstance(module, ResponseNorm) else module(maps)
         return maps
 
     def _hidden(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -65,9 +65,13 @@ def test_bench_data_smoke_mode_runs():
     assert "ratio ours/baseline, raw store:" in result.stdout
 
 
-def test_bench_smoke_mode_runs_and_counts_multiply_adds():
-    result = run("bench", "--smoke")
+def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
+    result = run("bench", "--smoke", "--json", str(tmp_path / "bench.json"))
     assert result.returncode == 0, result.stderr
     assert "replicate AlexNet: 0.724 G multiply-adds" in result.stdout
     assert "torchvision alexnet: 0.714 G multiply-adds" in result.stdout
-    assert "train ratio replicate/torchvision:" in result.stdout
+    for contender in ("replicate (fused)", "replicate (per-column)"):
+        assert f"train ratio {contender}/torchvision:" in result.stdout
+        assert f"ten_crop ratio {contender}/torchvision:" in result.stdout
+    saved = run("bench", "--report", str(tmp_path / "bench.json"))
+    assert saved.returncode == 0 and "smoke: timings meaningless" in saved.stdout

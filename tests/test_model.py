@@ -215,6 +215,7 @@ VARIANTS = [
     {"dropout": "inverted"},
     {"num_classes": 7},
     {"column_communication": False},
+    {"lrn": "code2012", "lrn1_before_relu": True, "spatial_norm": True, "init": "code2012"},  # #145
 ]
 
 
