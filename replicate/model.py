@@ -222,14 +222,15 @@ class Column(nn.Module):
                 make_activation(config.activation),
             ]
             if stage.layer.normalised:
-                norm = response_norm(config.lrn, config.lrn_k)  # within this column only
-                if name == "conv1" and config.lrn1_before_relu:
-                    block.insert(1, norm)  # #145: conv1's LRN reads the conv output, before the ReLU
-                else:
-                    block.append(norm)
+                block.append(response_norm(config.lrn, config.lrn_k))  # within this column only
                 if name == "conv2" and config.spatial_norm:
                     block.append(SpatialResponseNorm())
             block += [make_pool(config.pooling) for _ in range(stage.pools)]
+            if name == "conv1" and config.lrn1_before_relu:
+                # #145's layer 1: conv -> LRN -> pool -> ReLU (the LRN reads the conv output). The
+                # same function as conv -> LRN -> ReLU -> pool: max-pooling and a monotone
+                # activation commute.
+                block.append(block.pop(1))
             self.convs[name] = nn.Sequential(*block)
         # FC7 reads every FC6 unit of every column (of its own, without column communication)
         hidden = widths["fc6"] * (config.columns if config.column_communication else 1)
