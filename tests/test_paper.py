@@ -76,7 +76,12 @@ def test_the_2012_lab_notebook_parses_and_holds_the_recorded_runs():
     claims = load_claims()
     known = {r["id"] for r in claims["results"]} | {a["id"] for a in claims["ablations"]}
     for record in records.values():
-        assert record["protocol"] in LAB_PROTOCOLS and record["config"] and record["comment"]
+        assert (
+            record["protocol"] in LAB_PROTOCOLS
+            and record["config"]
+            and record["what"]
+            and "comment" in record
+        )
         assert record.get("compares_with", "table1_cnn") in known, record["id"]
         assert record.get("baseline", "c145") in records
     assert lab_record("table2_1cnn")["id"] == "c145" and lab_record("tanh") is None
