@@ -142,27 +142,25 @@ def ablate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _section_config(args: argparse.Namespace, default: str, section: type):
+    """A CIFAR-10 experiment's config: its file (or experiments/cifar10/<default>) with overrides."""
+    config_file, overrides = _split(args)
+    data = resolve_file(config_file or EXPERIMENTS / "cifar10" / default)
+    try:
+        return from_dict(section, apply_overrides(data, overrides))
+    except ConfigError as error:
+        raise ConfigError(f"{config_file or default}: {error}") from None
+
+
 def figure1_command(args: argparse.Namespace) -> int:
     """Figure 1 (§3.1): ReLU vs tanh epochs to 25% CIFAR-10 training error."""
-    config_file, overrides = _split(args)
-    data = resolve_file(config_file or EXPERIMENTS / "cifar10" / "figure1.yaml")
-    try:
-        config = from_dict(Figure1Config, apply_overrides(data, overrides))
-    except ConfigError as error:
-        raise ConfigError(f"{config_file or 'figure1.yaml'}: {error}") from None
-    print(figure1_table(run_figure1(config)))
+    print(figure1_table(run_figure1(_section_config(args, "figure1.yaml", Figure1Config))))
     return 0
 
 
 def lrn_cifar_command(args: argparse.Namespace) -> int:
     """§3.3 on CIFAR-10: the four-layer net with and without response normalisation."""
-    config_file, overrides = _split(args)
-    data = resolve_file(config_file or EXPERIMENTS / "cifar10" / "lrn.yaml")
-    try:
-        config = from_dict(LrnCifarConfig, apply_overrides(data, overrides))
-    except ConfigError as error:
-        raise ConfigError(f"{config_file or 'lrn.yaml'}: {error}") from None
-    print(lrn_cifar_table(run_lrn_cifar(config)))
+    print(lrn_cifar_table(run_lrn_cifar(_section_config(args, "lrn.yaml", LrnCifarConfig))))
     return 0
 
 

@@ -49,31 +49,21 @@ def test_presets_and_names_are_checked():
         ablation_files(["no_lnr"])
 
 
+def tiny_sweep(runs_dir: Path, *extra: str) -> list[str]:
+    """`ablate` for the no_lrn comparison, seed 0, on 2 bundled images per class, 2 epochs."""
+    return [
+        sys.executable, "-m", "replicate", "ablate",
+        "--preset", "bundled", "--only", "no_lrn", "--seeds", "0",
+        "data.limit_per_class=2", "data.batch_size=8", "data.workers=0", "train.epochs=2",
+        "train.eval_batch_size=20", "train.log_every=1", "tracking.wandb=off", f"train.runs_dir={runs_dir}",
+        *extra,
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")
 def test_the_runner_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "replicate",
-        "ablate",
-        "--preset",
-        "bundled",
-        "--only",
-        "no_lrn",
-        "--seeds",
-        "0",
-        "data.limit_per_class=2",
-        "data.batch_size=8",
-        "data.workers=0",
-        "train.epochs=2",
-        "train.eval_batch_size=20",
-        "train.checkpoint_every=1",
-        "train.log_every=1",
-        "train.final_views=[centre]",
-        "tracking.wandb=off",
-        f"train.runs_dir={tmp_path}",
-    ]
+    command = tiny_sweep(tmp_path, "train.checkpoint_every=1", "train.final_views=[centre]")
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     steps = tmp_path / "ablations-bundled" / "baseline" / "seed0" / "steps.csv"
     deadline = time.time() + 300

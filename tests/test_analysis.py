@@ -18,6 +18,7 @@ from analysis.records import load_records
 from analysis.stats import mean_ci, paired_deltas
 from analysis.tables import ablation_table, all_tables, cifar_table, latex, paper_table, write_table
 from replicate.data.sources import BUNDLED_DIR
+from tests.test_ablate import tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student's t quantiles, df = n - 1
@@ -149,29 +150,7 @@ def test_report_says_when_there_are_no_runs(tmp_path):
 @pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")
 def test_make_report_on_tiny_runs_writes_every_figure_and_table(tmp_path):
     runs = tmp_path / "runs"
-    tiny = [
-        "data.limit_per_class=2",
-        "data.batch_size=8",
-        "data.workers=0",
-        "train.epochs=2",
-        "train.eval_batch_size=20",
-        "train.log_every=1",
-        "tracking.wandb=off",
-        f"train.runs_dir={runs}",
-    ]
-    sweep = [
-        sys.executable,
-        "-m",
-        "replicate",
-        "ablate",
-        "--preset",
-        "bundled",
-        "--only",
-        "no_lrn",
-        "--seeds",
-        "0",
-    ]
-    result = subprocess.run([*sweep, *tiny], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(tiny_sweep(runs), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     figure1 = [
         sys.executable,
