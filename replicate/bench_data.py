@@ -102,17 +102,38 @@ class RepeatedStore:
 
 
 def steady_rate(
-    store: ImageStore, augment: Augment, config: DataConfig, times: int, repeats: int
+    store: ImageStore,
+    augment: Augment,
+    config: DataConfig,
+    times: int,
+    repeats: int,
+    device: torch.device | None = None,
 ) -> list[float]:
-    """images/s of the training loader over `times` passes of the store per timed epoch."""
+    """images/s of the training loader over `times` passes of the store per timed epoch. With a
+    `device`, the workers send uint8 images and draws and the views are cut there
+    (`data.augment_on: device`), included in the time."""
     repeated = RepeatedStore(store, times)
     sampler = EpochBatches(len(repeated), config.batch_size, seed=0)
-    loader = make_loader(StoreDataset(repeated, augment), sampler, config)
-    epoch_rate(loader, len(repeated))  # warm-up: worker start
+    mode = "train" if device is None else "train_plan"
+    loader = make_loader(StoreDataset(repeated, augment, mode), sampler, config)
+
+    def epoch() -> float:
+        start, seen = time.perf_counter(), 0
+        for batch in loader:
+            if device is not None:
+                images, plan, labels = batch
+                augment.apply_plan(images.to(device, non_blocking=True), plan)
+            seen += len(batch[-1])
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        assert seen == len(repeated), f"an epoch saw {seen} images, expected {len(repeated)}"
+        return seen / (time.perf_counter() - start)
+
+    epoch()  # warm-up: worker start
     rates = []
     for repeat in range(repeats):
         sampler.set_epoch(repeat + 1)
-        rates.append(epoch_rate(loader, len(repeated)))
+        rates.append(epoch())
     return rates
 
 
@@ -181,6 +202,9 @@ def run(workers: int, repeats: int, epochs: int, limit: int, batch_size: int, st
         if steady:
             rates["steady_raw"] = steady_rate(store, augment, config, steady, repeats)
             rates["steady_jpeg"] = steady_rate(jpeg, augment, config, steady, repeats)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            rates["steady_raw_device"] = steady_rate(store, augment, config, steady, repeats, device)
+            rates["augment_device"] = [str(device)]
         if torch.cuda.is_available():
             rates["gpu_jpeg"] = gpu_jpeg_rate(jpeg, augment.mean, batch_size, repeats)
         shutil.rmtree(workdir / "store")
@@ -212,7 +236,9 @@ def report(result: dict) -> str:
     steady = (
         [
             f"steady state, the store read {result['steady']} times per epoch: raw "
-            f"{spread(result['steady_raw'])} / jpeg {spread(result['steady_jpeg'])} images/s"
+            f"{spread(result['steady_raw'])} / jpeg {spread(result['steady_jpeg'])} images/s",
+            f"steady state, raw store, views cut on {result['augment_device'][0]} (data.augment_on=device): "
+            f"{spread(result['steady_raw_device'])} images/s",
         ]
         if result.get("steady_raw")
         else []

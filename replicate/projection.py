@@ -75,15 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pipeline",
         default="steady_raw",
-        help="which measured input pipeline feeds the GPU: steady_raw (raw store, CPU workers), "
-        "steady_jpeg (JPEG store, CPU decode), gpu_jpeg (JPEG store, GPU decode)",
+        help="which measured input pipeline feeds the GPU: steady_raw (raw store, views cut by CPU "
+        "workers), steady_raw_device (raw store, views cut on the GPU: data.augment_on=device), "
+        "steady_jpeg (JPEG store, CPU decode), gpu_jpeg (JPEG store decoded on the GPU; a benchmark only)",
     )
     parser.add_argument("--gpus", default="1,2,4,8")
     parser.add_argument("--bandwidth", type=float, default=300.0, help="all-reduce GB/s (assumed)")
     args = parser.parse_args(argv)
     data = json.loads(args.data.read_text())
     if args.pipeline not in data:
-        measured = [k for k in ("steady_raw", "steady_jpeg", "gpu_jpeg") if k in data]
+        measured = [k for k in ("steady_raw", "steady_raw_device", "steady_jpeg", "gpu_jpeg") if k in data]
         parser.error(f"--pipeline {args.pipeline}: not measured in {args.data} (it has {measured})")
     print(
         f"input pipeline: {args.pipeline}, {data['workers']} workers, median "

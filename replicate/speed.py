@@ -4,9 +4,9 @@ The paper trained in fp32 (§5; the 2012 code had nothing else), so `precision: 
 and means fp32 everywhere, convolutions too: PyTorch lets cuDNN use TF32 by default on Ampere and
 later GPUs, which `fp32` turns off. `tf32` allows it for convolutions and matrix products; `bf16`
 runs them under bf16 autocast (weights, optimiser and LRN stay fp32). `channels_last` and
-`compile` leave the arithmetic as it is up to summation order; the fused-column path
-(`AlexNet.fused`) is on by default for the same reason. Tests hold each one equal to the
-reference path within its tolerance (tests/test_speed.py).
+`compile` leave the arithmetic as it is up to summation order, as does the fused-column path
+(`AlexNet.fused`), which is off by default because it measured slower (BENCHMARKS.md). Tests hold
+each one equal to the reference path within its tolerance (tests/test_speed.py).
 """
 
 from __future__ import annotations

@@ -157,11 +157,12 @@ class Trainer:
         self.position, self.best_error = Position(), math.inf
         if resume:
             self._load(run_dir / "checkpoints" / "last.pt")
-        self.network = self.model
+        # The layout first: DDP's gradient buckets take the parameters' strides when it is built.
+        self.network = speed_up(self.model, train.channels_last, compile=False)
         if self.world > 1:
             single = self.devices[0] if len(self.devices) == 1 and self.devices[0].type == "cuda" else None
             self.network = DistributedDataParallel(self.model, device_ids=[single] if single else None)
-        self.network = speed_up(self.network, train.channels_last, train.compile)
+        self.network = speed_up(self.network, channels_last=False, compile=train.compile)
         self.memory_format = memory_format(train.channels_last)
         self.augment = Augment(config.data.augment, self.prepared.stats, seed=train.seed)
         self.sampler = EpochBatches(
@@ -172,7 +173,10 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
         )
-        self.loader = make_loader(StoreDataset(self.prepared.train, self.augment), self.sampler, config.data)
+        mode = "train_plan" if config.data.augment_on == "device" else "train"
+        self.loader = make_loader(
+            StoreDataset(self.prepared.train, self.augment, mode), self.sampler, config.data
+        )
 
     def _prepare(self) -> Prepared:
         """Rank 0 preprocesses; the others wait, then open the finished stores."""
@@ -262,8 +266,8 @@ class Trainer:
             leave=False,
         )
         start, seen = time.perf_counter(), 0
-        for views, labels in self.loader:
-            views = views.to(self.devices[0], non_blocking=True, memory_format=self.memory_format)
+        for batch in self.loader:
+            views, labels = self._views(batch)
             with autocast(self.devices[0], train.precision):
                 logits = self.network(views)
             labels = labels.to(logits.device)
@@ -300,6 +304,16 @@ class Trainer:
             if stop.requested or (train.max_steps and position.step >= train.max_steps):
                 break
         bar.close()
+
+    def _views(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader batch as training views on the first device (cut there under augment_on=device)."""
+        device = self.devices[0]
+        if len(batch) == 3:  # uint8 images and their random draws
+            images, plan, labels = batch
+            views = self.augment.apply_plan(images.to(device, non_blocking=True), plan)
+        else:
+            views, labels = batch
+        return views.to(device, non_blocking=True, memory_format=self.memory_format), labels.to(device)
 
     def _end_epoch(self, tracker: Tracker | None) -> None:
         position = self.position

@@ -169,3 +169,38 @@ def test_epoch_batches_shuffle_per_epoch_resume_mid_epoch_and_split_across_ranks
 def test_a_global_batch_that_does_not_split_across_processes_is_a_named_error():
     with pytest.raises(ConfigError, match="data.batch_size 128 is not divisible by 3 processes"):
         EpochBatches(100, 128, world_size=3)
+
+
+@pytest.mark.parametrize(
+    "variant", [{}, {"mean_crop": "centre", "colour_noise": "code2012", "crop_chunk": 4}]
+)
+def test_a_planned_batch_cut_later_equals_the_batch_cut_at_once(variant):
+    """The loader's train_plan mode (uint8 images + draws) and apply_plan give train()'s views."""
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (6, 256, 256, 3), dtype=np.uint8))
+    stats = {
+        "mean_image": rng.uniform(0, 255, (256, 256, 3)),
+        "eigenvalues": np.array([0.2, 0.02, 0.005]),
+        "eigenvectors": np.linalg.qr(rng.normal(size=(3, 3)))[0],
+    }
+    augment = Augment(AugmentConfig(**variant), stats, seed=3)
+    keys = [(1, p) for p in range(6)]
+    plan = augment.plan(keys)
+    assert (
+        plan["offsets"].shape == (6, 2)
+        and plan["flips"].dtype == torch.bool
+        and plan["shifts"].shape == (6, 3)
+    )
+    assert torch.equal(augment.apply_plan(images, plan), augment.train(images, keys))
+    # one image at a time, by hand: crop, reflect, minus the mean, plus the shift
+    mean = torch.as_tensor(stats["mean_image"], dtype=torch.float32).permute(2, 0, 1)
+    for row, ((top, left), flip, shift) in enumerate(
+        zip(plan["offsets"].tolist(), plan["flips"], plan["shifts"], strict=True)
+    ):
+        pixels = images[row, top : top + 224, left : left + 224].permute(2, 0, 1).float()
+        m = mean[:, top : top + 224, left : left + 224] if not variant else mean[:, 16:240, 16:240]
+        view = (pixels.flip(-1) - (m.flip(-1) if not variant else m)) if flip else pixels - m
+        view = view + shift[:, None, None]
+        if variant:
+            view = view / 1.1
+        torch.testing.assert_close(augment.apply_plan(images, plan)[row], view)

@@ -157,7 +157,10 @@ def test_a_run_with_every_speed_option_trains_and_evaluates(tmp_path):
 @needs_gpu
 @pytest.mark.parametrize(
     "options",
-    [["train.precision=fp32"], ["train.precision=bf16", "train.channels_last=true", "train.compile=true"]],
+    [
+        ["train.precision=fp32", "data.augment_on=device"],
+        ["train.precision=bf16", "train.channels_last=true", "train.compile=true"],
+    ],
 )
 def test_a_gpu_training_run_with_speed_options(tmp_path, options):
     """The training loop on the GPU (autocast, layout, fused columns) on a generated ImageFolder."""
@@ -176,3 +179,24 @@ def test_a_gpu_training_run_with_speed_options(tmp_path, options):
     assert code == 0, err
     evaluation = json.loads((tmp_path / "runs" / "baseline" / "seed0" / "evaluation.json").read_text())
     assert evaluation["views"]["ten_crop"]["images"] == 20
+
+
+@needs_gpu
+def test_views_cut_on_the_gpu_equal_the_views_cut_on_the_cpu():
+    import numpy as np
+
+    from replicate.data.transforms import Augment, AugmentConfig
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (16, 256, 256, 3), dtype=np.uint8))
+    stats = {
+        "mean_image": rng.uniform(0, 255, (256, 256, 3)),
+        "eigenvalues": np.array([0.2, 0.02, 0.005]),
+        "eigenvectors": np.linalg.qr(rng.normal(size=(3, 3)))[0],
+    }
+    for config in (AugmentConfig(), AugmentConfig(mean_crop="centre", colour_noise="code2012", crop_chunk=4)):
+        augment = Augment(config, stats, seed=1)
+        plan = augment.plan([(0, p) for p in range(16)])
+        torch.testing.assert_close(
+            augment.apply_plan(images.cuda(), plan).cpu(), augment.apply_plan(images, plan)
+        )

@@ -190,3 +190,15 @@ def test_make_replicate_style_run_ends_with_a_labelled_table(tmp_path):
     assert record["runs"] == [str(run_dir)] * 2
     assert record["views"]["ten_crop"]["top1_error"] == single["top1_error"]
     assert abs(record["views"]["ten_crop"]["loss"] - single["loss"]) < 1e-4
+
+
+def test_views_cut_on_the_device_train_the_same_weights_as_views_cut_in_workers(tmp_path):
+    """data.augment_on=device: the workers send uint8 images and the random draws, the training
+    device cuts the views. Same draws, same pixels: the same run (deterministic CPU)."""
+    overrides = ["train.max_steps=3", "train.final_views=[centre]"]
+    code, _, err = train(tmp_path / "workers", *overrides)
+    assert code == 0, err
+    code, _, err = train(tmp_path / "device", *overrides, "data.augment_on=device", "data.workers=1")
+    assert code == 0, err
+    mine, theirs = (weights(tmp_path / name / "baseline" / "seed0") for name in ("device", "workers"))
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)

@@ -40,6 +40,10 @@ class DataConfig(Section):
     prefetch_factor: int = 4  # batches each worker prepares ahead
     pin_memory: bool = True  # page-locked batches for fast GPU copies (ignored without a GPU)
     persistent_workers: bool = True
+    # Where training views are cut: workers (crop, flip, mean, colour noise in the loader
+    # processes) or device (the workers send uint8 images and the random draws; the training
+    # device does the pixel work: the same views, and far less CPU per image).
+    augment_on: Literal["workers", "device"] = "workers"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -164,11 +168,14 @@ class EpochBatches(Sampler):
 
 
 class StoreDataset(Dataset):
-    """Batches from a store: `mode` train (one random view), centre, or ten_crop (B x 10 views)."""
+    """Batches from a store: `mode` train (one random view), centre, or ten_crop (B x 10 views).
+
+    train_plan: (uint8 images, the batch's random draws, labels), for `Augment.apply_plan` on the
+    training device (`data.augment_on: device`)."""
 
     def __init__(self, store: ImageStore, augment: Augment, mode: str = "train") -> None:
-        if mode not in ("train", "centre", "ten_crop"):
-            raise ValueError(f"mode {mode!r}: expected train, centre or ten_crop")
+        if mode not in ("train", "train_plan", "centre", "ten_crop"):
+            raise ValueError(f"mode {mode!r}: expected train, train_plan, centre or ten_crop")
         self.store, self.augment, self.mode = store, augment, mode
 
     def __len__(self) -> int:
@@ -177,6 +184,9 @@ class StoreDataset(Dataset):
     def __getitems__(self, keys: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         indices = [index for _, _, index in keys]
         images = self.store.images(indices)
+        if self.mode == "train_plan":
+            plan = self.augment.plan([(epoch, position) for epoch, position, _ in keys])
+            return images, plan, self.store.labels[indices]
         if self.mode == "train":
             views = self.augment.train(images, [(epoch, position) for epoch, position, _ in keys])
         else:

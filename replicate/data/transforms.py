@@ -85,6 +85,7 @@ class Augment:
         self.eigenvectors = np.asarray(stats["eigenvectors"], dtype=np.float64)
         self.side = self.mean.shape[-1]
         self.crop = config.crop_size
+        self._means: dict[torch.device, torch.Tensor] = {}  # the mean image on each device used
 
     def _patch(self, images: torch.Tensor, top: int, left: int) -> torch.Tensor:
         """B x 3 x C x C floats cut at (top, left), minus the mean image (§2).
@@ -110,16 +111,21 @@ class Augment:
 
     def train(self, images: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Tensor:
         """One random view per image; `keys` are (epoch, position in the epoch)."""
+        return self.apply_plan(images, self.plan(keys))
+
+    def plan(self, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """Every random draw of a training batch, made on the CPU: crop offsets, flips and colour
+        shifts per image. Cheap; `apply_plan` does the pixel work, in a loader worker or on the
+        training device (`data.augment_on`), with the same result."""
         config = self.config
-        out = torch.empty((len(images), 3, self.crop, self.crop))
         span = self.side - self.crop
-        for row, (epoch, position) in enumerate(keys):
+        offsets, flips = [], []
+        for epoch, position in keys:
             rng = image_rng(self.seed, epoch, position // config.crop_chunk, 0)
             # §4.1: "a factor of 2048" = 32 x 32 offsets x 2 reflections, so offsets 0..31.
             top, left = rng.integers(0, span, 2) if config.random_crop else (span // 2, span // 2)
-            flip = config.flip and rng.random() < 0.5
-            view = self._patch(images[row : row + 1], int(top), int(left))[0]
-            out[row] = self._mirror(view) if flip else view
+            offsets.append((int(top), int(left)))
+            flips.append(bool(config.flip and rng.random() < 0.5))
         if config.colour_noise != "off":
             shifts = np.stack(
                 [
@@ -129,10 +135,42 @@ class Augment:
                     for epoch, position in keys
                 ]
             )
-            out += torch.as_tensor(shifts, dtype=torch.float32)[:, :, None, None]
+        else:
+            shifts = np.zeros((len(keys), 3))
+        return {
+            "offsets": torch.tensor(offsets, dtype=torch.long).reshape(-1, 2),
+            "flips": torch.tensor(flips, dtype=torch.bool),
+            "shifts": torch.as_tensor(shifts, dtype=torch.float32),
+        }
+
+    def apply_plan(self, images: torch.Tensor, plan: dict[str, torch.Tensor]) -> torch.Tensor:
+        """B x 3 x C x C views of uint8 B x S x S x 3 images, on the images' device, in one gather:
+        the crop at each image's offsets (its columns reversed when flipped), minus the mean image
+        (§2), plus the colour shift (§4.1)."""
+        config, crop, device = self.config, self.crop, images.device
+        offsets, flips = plan["offsets"].to(device), plan["flips"].to(device)
+        steps = torch.arange(crop, device=device)
+        rows = offsets[:, :1] + steps  # B x C
+        mirrored = torch.where(flips[:, None], crop - 1 - steps, steps)
+        cols = offsets[:, 1:] + mirrored  # B x C: reflection = reading the columns backwards
+        batch = torch.arange(len(images), device=device)[:, None, None]
+        pixels = images[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).float()
+        mean = self._mean_on(device)  # 3 x S x S
+        if config.mean_crop == "same_position":  # the mean at the pixels' own (mirrored) positions
+            views = pixels - mean[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+        else:  # the 2012 code: the mean's centre crop, never mirrored (convdata.py)
+            middle = (self.side - crop) // 2
+            views = pixels - mean[:, middle : middle + crop, middle : middle + crop]
+        if config.colour_noise != "off":
+            views = views + plan["shifts"].to(device)[:, :, None, None]
             if config.colour_noise == "code2012":
-                out /= 1.0 + config.colour_noise_std  # convdata.py divides the noisy image by 1.1
-        return out
+                views = views / (1.0 + config.colour_noise_std)  # convdata.py divides the noisy image by 1.1
+        return views
+
+    def _mean_on(self, device: torch.device) -> torch.Tensor:
+        if self._means.get(device) is None:
+            self._means[device] = self.mean.to(device)
+        return self._means[device]
 
     def centre(self, images: torch.Tensor) -> torch.Tensor:
         """The centre patch: B x 3 x C x C."""
