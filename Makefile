@@ -64,7 +64,8 @@ bench-gpu: $(STAMP)
 	$(PY) -m replicate bench --steps 10 --precision bf16 --channels-last --compile --json $(BENCH_OUT)/bf16-cl-compile.json
 	$(PY) -m replicate bench-data --workers $(shell nproc) --batch-size 128 --steady 25 --repeats 3 --json $(BENCH_OUT)/data.json
 	$(PY) -m replicate project $(BENCH_OUT)/fp32.json $(BENCH_OUT)/tf32-compile.json \
-		$(BENCH_OUT)/bf16-cl-compile.json --data $(BENCH_OUT)/data.json --contender "replicate (per-column)"
+		$(BENCH_OUT)/bf16-cl-compile.json --data $(BENCH_OUT)/data.json --contender "replicate (per-column)" \
+		--pipeline steady_raw_device
 
 clean-venv:
 	rm -rf $(VENV)

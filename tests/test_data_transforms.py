@@ -192,6 +192,10 @@ def test_a_planned_batch_cut_later_equals_the_batch_cut_at_once(variant):
         and plan["shifts"].shape == (6, 3)
     )
     assert torch.equal(augment.apply_plan(images, plan), augment.train(images, keys))
+    # the GPU's one-gather path, run here on the CPU: the same numbers as the per-image slices
+    assert torch.equal(
+        augment.apply_plan(images, plan, gather=True), augment.apply_plan(images, plan, gather=False)
+    )
     # one image at a time, by hand: crop, reflect, minus the mean, plus the shift
     mean = torch.as_tensor(stats["mean_image"], dtype=torch.float32).permute(2, 0, 1)
     for row, ((top, left), flip, shift) in enumerate(

@@ -143,24 +143,41 @@ class Augment:
             "shifts": torch.as_tensor(shifts, dtype=torch.float32),
         }
 
-    def apply_plan(self, images: torch.Tensor, plan: dict[str, torch.Tensor]) -> torch.Tensor:
-        """B x 3 x C x C views of uint8 B x S x S x 3 images, on the images' device, in one gather:
-        the crop at each image's offsets (its columns reversed when flipped), minus the mean image
-        (§2), plus the colour shift (§4.1)."""
+    def apply_plan(
+        self, images: torch.Tensor, plan: dict[str, torch.Tensor], gather: bool | None = None
+    ) -> torch.Tensor:
+        """B x 3 x C x C views of uint8 B x S x S x 3 images, on the images' device: the crop at
+        each image's offsets (read right to left when flipped), minus the mean image (§2), plus
+        the colour shift (§4.1). On a GPU one gather cuts the whole batch; on the CPU slices per
+        image are faster (`gather` forces either). Both do the same arithmetic, so the views are
+        identical (tested)."""
         config, crop, device = self.config, self.crop, images.device
-        offsets, flips = plan["offsets"].to(device), plan["flips"].to(device)
-        steps = torch.arange(crop, device=device)
-        rows = offsets[:, :1] + steps  # B x C
-        mirrored = torch.where(flips[:, None], crop - 1 - steps, steps)
-        cols = offsets[:, 1:] + mirrored  # B x C: reflection = reading the columns backwards
-        batch = torch.arange(len(images), device=device)[:, None, None]
-        pixels = images[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).float()
         mean = self._mean_on(device)  # 3 x S x S
-        if config.mean_crop == "same_position":  # the mean at the pixels' own (mirrored) positions
-            views = pixels - mean[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
-        else:  # the 2012 code: the mean's centre crop, never mirrored (convdata.py)
-            middle = (self.side - crop) // 2
-            views = pixels - mean[:, middle : middle + crop, middle : middle + crop]
+        middle = (self.side - crop) // 2
+        if not (device.type != "cpu" if gather is None else gather):
+            views = torch.empty((len(images), 3, crop, crop), device=device)
+            draws = zip(plan["offsets"].tolist(), plan["flips"].tolist(), strict=True)
+            for row, ((top, left), flip) in enumerate(draws):
+                pixels = images[row, top : top + crop, left : left + crop].permute(2, 0, 1)
+                if config.mean_crop == "same_position":  # the mean at the crop's own position
+                    m = mean[:, top : top + crop, left : left + crop]
+                    m = m.flip(-1) if flip else m
+                else:  # the 2012 code: the mean's centre crop, never mirrored (convdata.py)
+                    m = mean[:, middle : middle + crop, middle : middle + crop]
+                views[row] = (pixels.flip(-1) if flip else pixels).float() - m
+        else:
+            offsets, flips = plan["offsets"].to(device), plan["flips"].to(device)
+            steps = torch.arange(crop, device=device)
+            rows = offsets[:, :1] + steps  # B x C
+            cols = offsets[:, 1:] + torch.where(
+                flips[:, None], crop - 1 - steps, steps
+            )  # mirrored: backwards
+            batch = torch.arange(len(images), device=device)[:, None, None]
+            pixels = images[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).float()
+            if config.mean_crop == "same_position":
+                views = pixels - mean[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+            else:
+                views = pixels - mean[:, middle : middle + crop, middle : middle + crop]
         if config.colour_noise != "off":
             views = views + plan["shifts"].to(device)[:, :, None, None]
             if config.colour_noise == "code2012":
