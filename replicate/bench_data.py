@@ -6,9 +6,12 @@ number of workers and batch size, in this one process, alternating, several repe
             decoding and resizing every full-size JPEG every epoch;
   ours:     the paper's trick (§2): preprocess once to 256x256, then each epoch only reads the store
             and applies crop + flip + PCA colour noise + mean subtraction (§4.1).
-The one-time preprocessing rate is reported separately. With a GPU, also the JPEG store decoded
-on the GPU (torchvision.io.decode_jpeg, device="cuda") with crop, flip and mean subtraction there:
-a measured rate for the projection; the training loader itself still decodes on the CPU.
+The one-time preprocessing rate is reported separately. `--steady N` also times the training
+loader in its steady state (the store read N times per epoch), with the views cut by the workers
+and with them cut on the training device (`data.augment_on: device`; the GPU when there is one).
+With a GPU, also the JPEG store decoded there (torchvision.io.decode_jpeg, device="cuda") with
+crop, flip and mean subtraction: a rate for the projection only; the training loader decodes
+JPEG on the CPU.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class ModelConfig(Section):
     # own column (the 2012 code's #150, an ablation the paper never reported).
     column_communication: bool = True
     # The 2012 code's config #145 where it differs from the paper (`fidelity: code2012` sets all):
-    lrn1_before_relu: bool = False  # #145: conv1 -> LRN -> ReLU; the paper (§3.5): ReLU, then LRN
+    lrn1_before_relu: bool = False  # #145: conv1 -> LRN -> pool -> ReLU; the paper (§3.5): ReLU, then LRN
     spatial_norm: bool = False  # #145: a 5x5 spatial rnorm after LRN2 (not in the paper)
     init: Literal["paper", "code2012"] = "paper"  # §5: std 0.01 everywhere; #145: 0.03 in conv3-5
 
