@@ -14,7 +14,6 @@ no augmentation, no weight decay, no dropout.
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 import time
@@ -26,10 +25,10 @@ import torch.nn.functional as F
 
 from replicate.cifar_net import CifarNet, CifarNetConfig
 from replicate.config import ConfigError, Section, to_dict
-from replicate.data.cifar10 import load_cifar10
+from replicate.data.cifar10 import first_images, load_cifar10
 from replicate.optim import PaperSGD
 from replicate.paper import load_claims
-from replicate.tracking import write_json
+from replicate.tracking import write_record
 
 NOT_REACHED = "not reached"
 
@@ -58,11 +57,11 @@ class Figure1Config(Section):
 def training_data(config: Figure1Config) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Float N x 3 x 32 x 32 images on 0-255 minus the mean image, labels, and what they are."""
     cifar = load_cifar10("train", exact_subset=config.exact_subset)
-    count = config.train_images or len(cifar.labels)
-    images = torch.from_numpy(cifar.images[:count]).permute(0, 3, 1, 2).float()
+    images, labels = first_images(cifar, config.train_images)
     images -= images.mean(0, keepdim=True)  # §2-style mean image, from the images trained on
+    count = len(labels)
     what = cifar.description + (f", the first {count:,} training images" if count < len(cifar.labels) else "")
-    return images, torch.from_numpy(cifar.labels[:count]), what
+    return images, labels, what
 
 
 def train_until(
@@ -162,14 +161,12 @@ def run_figure1(config: Figure1Config) -> dict:
 
 
 def save(record: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "figure1.json", record)
-    with open(out / "curves.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["activation", "lr", "seed", "epoch", "train_error"])
-        for run in record["runs"]:
-            for epoch, error in enumerate(run["curve"], 1):
-                writer.writerow([run["activation"], run["lr"], run["seed"], epoch, f"{error:.4f}"])
+    rows = (
+        [run["activation"], run["lr"], run["seed"], epoch, f"{error:.4f}"]
+        for run in record["runs"]
+        for epoch, error in enumerate(run["curve"], 1)
+    )
+    write_record(out, "figure1", record, ["activation", "lr", "seed", "epoch", "train_error"], rows)
 
 
 def table(record: dict) -> str:

@@ -11,7 +11,6 @@ comparable figure is the difference the normalisation makes, measured over seeds
 
 from __future__ import annotations
 
-import csv
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,10 +21,10 @@ import torch.nn.functional as F
 
 from replicate.cifar_net import CifarNet, CifarNetConfig
 from replicate.config import ConfigError, Section, to_dict
-from replicate.data.cifar10 import load_cifar10
+from replicate.data.cifar10 import first_images, load_cifar10
 from replicate.optim import PaperSGD
 from replicate.paper import load_claims
-from replicate.tracking import write_json
+from replicate.tracking import write_record
 
 
 @dataclass
@@ -50,9 +49,7 @@ class LrnCifarConfig(Section):
 
 def cifar_tensors(split: str, count: int, exact_subset: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
     cifar = load_cifar10(split, exact_subset=exact_subset)
-    count = count or len(cifar.labels)
-    images = torch.from_numpy(cifar.images[:count]).permute(0, 3, 1, 2).float()
-    return images, torch.from_numpy(cifar.labels[:count]).long(), cifar.description
+    return *first_images(cifar, count), cifar.description
 
 
 @torch.no_grad()
@@ -144,16 +141,12 @@ def run_lrn_cifar(config: LrnCifarConfig) -> dict:
 
 
 def save(record: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "lrn-cifar.json", record)
-    with open(out / "curves.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["norm", "seed", "epoch", "lr", "train_error", "test_error"])
-        for run in record["runs"]:
-            for row in run["curve"]:
-                writer.writerow(
-                    [run["norm"], run["seed"], row["epoch"], row["lr"], row["train_error"], row["test_error"]]
-                )
+    rows = (
+        [run["norm"], run["seed"], row["epoch"], row["lr"], row["train_error"], row["test_error"]]
+        for run in record["runs"]
+        for row in run["curve"]
+    )
+    write_record(out, "lrn-cifar", record, ["norm", "seed", "epoch", "lr", "train_error", "test_error"], rows)
 
 
 def table(record: dict) -> str:

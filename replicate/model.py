@@ -313,9 +313,9 @@ class AlexNet(nn.Module):
     def _exchange(self, parts: list[torch.Tensor], layer: str) -> list[torch.Tensor]:
         """Each column's input to `layer`: all columns' outputs, concatenated on its own device.
         The only place activations move between columns (and so between devices)."""
-        devices = self.column_devices()
         if not self.config.column_communication:  # #150: each column keeps its own
             return parts
+        devices = self.column_devices()
         if len(set(devices)) == 1:  # one device: one concatenation serves every column
             return [torch.cat(parts, dim=1)] * len(devices)
         return [torch.cat([part.to(device) for part in parts], dim=1) for device in devices]

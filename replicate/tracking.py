@@ -13,6 +13,7 @@ import platform
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -163,3 +164,13 @@ def write_json(path: Path, data: dict) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=1, default=str) + "\n")
     partial.replace(path)
+
+
+def write_record(out: Path, name: str, record: dict, header: list[str], rows: Iterable[list]) -> None:
+    """An experiment's record: out/<name>.json, and its per-epoch curves as out/curves.csv."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", record)
+    with open(out / "curves.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from replicate.data.sources import DataError, bundled_or_download, cache_dir, find_bundled
@@ -134,3 +135,11 @@ def load_cifar10(
             images[i * PER_BATCH : i * PER_BATCH + len(exact)] = exact
         description += f" with the exact pixels of the first {len(exact)} images of each batch"
     return Cifar10(images, labels, description)
+
+
+def first_images(cifar: Cifar10, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` images (0: all) in batch order as float N x 3 x 32 x 32 on the 0-255
+    scale, and their labels (int64)."""
+    count = count or len(cifar.labels)
+    images = torch.from_numpy(cifar.images[:count]).permute(0, 3, 1, 2).float()
+    return images, torch.from_numpy(cifar.labels[:count]).long()
