@@ -19,6 +19,7 @@ from analysis.stats import mean_ci, paired_deltas
 from analysis.tables import ablation_table, all_tables, cifar_table, latex, paper_table, write_table
 from replicate.data.sources import BUNDLED_DIR
 from tests.test_ablate import tiny_sweep
+from tests.test_figure1 import figure1 as run_figure1
 
 ROOT = Path(__file__).resolve().parents[1]
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student's t quantiles, df = n - 1
@@ -152,20 +153,11 @@ def test_make_report_on_tiny_runs_writes_every_figure_and_table(tmp_path):
     runs = tmp_path / "runs"
     result = subprocess.run(tiny_sweep(runs), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
-    figure1 = [
-        sys.executable,
-        "-m",
-        "replicate",
-        "figure1",
-        "train_images=256",
-        "max_epochs=2",
-        "relu_lrs=[0.004]",
-        "tanh_lrs=[0.004]",
-        "threshold=99",
-        "seeds=[0]",
-        f"out_dir={runs / 'figure1'}",
-    ]
-    assert subprocess.run(figure1, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    figure1 = run_figure1(
+        "train_images=256", "max_epochs=2", "relu_lrs=[0.004]", "tanh_lrs=[0.004]", "threshold=99",
+        "seeds=[0]", f"out_dir={runs / 'figure1'}",
+    )  # fmt: skip
+    assert figure1.returncode == 0, figure1.stderr
     result = subprocess.run(
         ["make", "report", f"PY={sys.executable}", "STAMP="],
         cwd=ROOT,

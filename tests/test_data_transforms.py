@@ -171,18 +171,25 @@ def test_a_global_batch_that_does_not_split_across_processes_is_a_named_error():
         EpochBatches(100, 128, world_size=3)
 
 
-@pytest.mark.parametrize(
-    "variant", [{}, {"mean_crop": "centre", "colour_noise": "code2012", "crop_chunk": 4}]
-)
-def test_a_planned_batch_cut_later_equals_the_batch_cut_at_once(variant):
-    """The loader's train_plan mode (uint8 images + draws) and apply_plan give train()'s views."""
+def random_images_and_stats(count: int) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """`count` random uint8 256 x 256 images and store statistics (a random mean image, an
+    orthonormal eigenbasis) for testing the training views."""
     rng = np.random.default_rng(0)
-    images = torch.from_numpy(rng.integers(0, 256, (6, 256, 256, 3), dtype=np.uint8))
+    images = torch.from_numpy(rng.integers(0, 256, (count, 256, 256, 3), dtype=np.uint8))
     stats = {
         "mean_image": rng.uniform(0, 255, (256, 256, 3)),
         "eigenvalues": np.array([0.2, 0.02, 0.005]),
         "eigenvectors": np.linalg.qr(rng.normal(size=(3, 3)))[0],
     }
+    return images, stats
+
+
+@pytest.mark.parametrize(
+    "variant", [{}, {"mean_crop": "centre", "colour_noise": "code2012", "crop_chunk": 4}]
+)
+def test_a_planned_batch_cut_later_equals_the_batch_cut_at_once(variant):
+    """The loader's train_plan mode (uint8 images + draws) and apply_plan give train()'s views."""
+    images, stats = random_images_and_stats(6)
     augment = Augment(AugmentConfig(**variant), stats, seed=3)
     keys = [(1, p) for p in range(6)]
     plan = augment.plan(keys)

@@ -36,28 +36,19 @@ def test_the_search_seed_comes_first():
         Figure1Config(seeds=[1])
 
 
+def figure1(*overrides: str) -> subprocess.CompletedProcess:
+    """`python -m replicate figure1` with these overrides, as a user runs it."""
+    command = [sys.executable, "-m", "replicate", "figure1", *overrides]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")
 def test_a_short_figure1_run_records_epochs_to_threshold_or_not_reached(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "replicate",
-            "figure1",
-            "train_images=512",
-            "max_epochs=2",
-            "relu_lrs=[0.004]",
-            "tanh_lrs=[0.008, 0.004]",
-            "threshold=99",
-            "seeds=[0]",
-            f"out_dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = figure1(
+        "train_images=512", "max_epochs=2", "relu_lrs=[0.004]", "tanh_lrs=[0.008, 0.004]", "threshold=99",
+        "seeds=[0]", f"out_dir={tmp_path}",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "figure1.json").read_text())
     assert record["dataset"] == "JPEG-compressed CIFAR-10, the first 512 training images"
@@ -68,25 +59,10 @@ def test_a_short_figure1_run_records_epochs_to_threshold_or_not_reached(tmp_path
     assert [r["lr"] for r in record["runs"] if r["activation"] == "tanh"] == [0.008]
     curves = pd.read_csv(tmp_path / "curves.csv")
     assert set(curves.columns) == {"activation", "lr", "seed", "epoch", "train_error"}
-    unreachable = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "replicate",
-            "figure1",
-            "train_images=256",
-            "max_epochs=1",
-            "relu_lrs=[0.004]",
-            "tanh_lrs=[0.004]",
-            "threshold=0",
-            "seeds=[0]",
-            f"out_dir={tmp_path / 'never'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    unreachable = figure1(
+        "train_images=256", "max_epochs=1", "relu_lrs=[0.004]", "tanh_lrs=[0.004]", "threshold=0",
+        "seeds=[0]", f"out_dir={tmp_path / 'never'}",
+    )  # fmt: skip
     assert unreachable.returncode == 0, unreachable.stderr
     never = json.loads((tmp_path / "never" / "figure1.json").read_text())
     assert never["activations"]["relu"]["epochs_to_threshold"] == ["not reached"]

@@ -183,17 +183,10 @@ def test_a_gpu_training_run_with_speed_options(tmp_path, options):
 
 @needs_gpu
 def test_views_cut_on_the_gpu_equal_the_views_cut_on_the_cpu():
-    import numpy as np
-
     from replicate.data.transforms import Augment, AugmentConfig
+    from tests.test_data_transforms import random_images_and_stats
 
-    rng = np.random.default_rng(0)
-    images = torch.from_numpy(rng.integers(0, 256, (16, 256, 256, 3), dtype=np.uint8))
-    stats = {
-        "mean_image": rng.uniform(0, 255, (256, 256, 3)),
-        "eigenvalues": np.array([0.2, 0.02, 0.005]),
-        "eigenvectors": np.linalg.qr(rng.normal(size=(3, 3)))[0],
-    }
+    images, stats = random_images_and_stats(16)
     for config in (AugmentConfig(), AugmentConfig(mean_crop="centre", colour_noise="code2012", crop_chunk=4)):
         augment = Augment(config, stats, seed=1)
         plan = augment.plan([(0, p) for p in range(16)])
