@@ -14,6 +14,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,9 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import alexnet
 
+from replicate.lrn import ResponseNorm, reference_response_norm
 from replicate.model import AlexNet
 from replicate.optim import OptimConfig, paper_optimizer
-from replicate.speed import Precision, autocast, memory_format, set_precision, speed_up
+from replicate.speed import (
+    Precision,
+    allocator_note,
+    autocast,
+    keep_freed_memory,
+    memory_format,
+    set_precision,
+    speed_up,
+)
 
 
 def multiply_adds(model: nn.Module, side: int = 224) -> int:
@@ -93,6 +103,34 @@ def contenders(device: torch.device, options: Options) -> dict[str, tuple[nn.Mod
     }
 
 
+def lrn_times(device: torch.device, batch: int, repeats: int, options: Options) -> dict:
+    """Forward + backward milliseconds of one column's LRN layers (§3.3): `ResponseNorm` (its own
+    autograd function) against torch's `F.local_response_norm` computing the same rule, alternating."""
+    ours = ResponseNorm()
+    norms = {
+        "ours": ours,
+        "torch F.local_response_norm": partial(
+            reference_response_norm, size=ours.size, alpha=ours.alpha, beta=ours.beta, k=ours.k
+        ),
+    }
+
+    def forward_backward(norm, inputs: torch.Tensor, upstream: torch.Tensor) -> None:
+        torch.autograd.grad(norm(inputs), inputs, upstream)
+
+    times: dict[str, dict[str, list[float]]] = {}
+    for layer, (maps, side) in {"lrn1 (48 x 55 x 55)": (48, 55), "lrn2 (128 x 27 x 27)": (128, 27)}.items():
+        inputs = torch.rand(batch, maps, side, side, device=device) * 100
+        inputs = inputs.contiguous(memory_format=memory_format(options.channels_last)).requires_grad_()
+        upstream = torch.randn_like(inputs)
+        times[layer] = {name: [] for name in norms}
+        for repeat in range(repeats + 1):  # the first round warms up
+            for name, norm in norms.items():
+                elapsed = timed(partial(forward_backward, norm, inputs, upstream), device)
+                if repeat:
+                    times[layer][name].append(elapsed * 1000)
+    return times
+
+
 def run(
     device: torch.device, batch: int, repeats: int, steps: int, options: Options, profile: bool = False
 ) -> dict:
@@ -152,6 +190,7 @@ def run(
             print(f"--- profile: {name}, {steps} training step(s) ---")
             print(profiler.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
     return {
+        "lrn": lrn_times(device, batch, repeats, options),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch,
         "options": str(options),
@@ -170,6 +209,7 @@ def report(result: dict, saved: bool = False) -> str:
         result.get("torch", "?") if saved else f"{torch.__version__}; threads {torch.get_num_threads()}"
     )
     lines = [f"device: {result['device']}; batch {result['batch']}; {result['options']}; torch {versions}"]
+    lines.append(f"allocator: {result.get('allocator', 'not recorded')}")
     for name, macs in result["macs"].items():
         lines.append(f"{name}: {macs / 1e9:.3f} G multiply-adds per 224x224 image")
     for phase, unit in (("train", "training images/s (fwd+bwd+step)"), ("ten_crop", "10-crop images/s")):
@@ -185,6 +225,14 @@ def report(result: dict, saved: bool = False) -> str:
                 f"{phase:>8} ratio {mine}/torchvision: min {min(ratios):.2f} / median "
                 f"{statistics.median(ratios):.2f} / max {max(ratios):.2f}  (target >= 1.2)"
             )
+    for layer, times in result.get("lrn", {}).items():  # records of stop 10 have none
+        spans = {name: f"median {statistics.median(t):.1f} ms" for name, t in times.items()}
+        speedups = [b / a for a, b in zip(*times.values(), strict=True)]
+        lines.append(
+            f"    {layer}, one column, fwd+bwd: ours {spans['ours']}, torch "
+            f"{spans['torch F.local_response_norm']}; torch/ours min {min(speedups):.2f} / median "
+            f"{statistics.median(speedups):.2f} / max {max(speedups):.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -214,11 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\n\n".join(report(json.loads(path.read_text()), saved=True) for path in args.report))
         return 0
     options = Options(args.precision, args.channels_last, args.compile)
+    kept = keep_freed_memory()  # as every `python -m replicate` command does; applies to all contenders
     if args.smoke:
         result = run(torch.device("cpu"), batch=2, repeats=1, steps=1, options=Options(channels_last=True))
         result["options"] += " (smoke: timings meaningless)"
     else:
         result = run(torch.device(args.device), args.batch, args.repeats, args.steps, options, args.profile)
+    result["allocator"] = allocator_note(kept)
     print(report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from analysis.tables import markdown, replication_table
-from replicate import bench_data, bench_model, projection
+from replicate import bench_data, bench_model, projection, speed
 from replicate.ablate import PRESETS, run_sweep
 from replicate.config import ConfigError, apply_overrides, from_dict, to_dict
 from replicate.data.loader import prepare
@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         commands.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
+    speed.keep_freed_memory()  # before the first large tensor: see its docstring
     try:
         if args.command == "bench-data":
             return bench_data.main(rest)

@@ -30,15 +30,28 @@ PAPER_BETA = 0.75
 PAPER_K = 2.0
 
 
-def window_sum(values: torch.Tensor, size: int) -> torch.Tensor:
-    """Sum over `size` adjacent maps (dim -3: C of N x C x H x W, or of N x G x C x H x W), clipped at
-    the first and last map, as §3.3 sums."""
+def window_sum(values: torch.Tensor, size: int, weight: float = 1.0) -> torch.Tensor:
+    """weight x the sum over `size` adjacent maps (dim -3: C of N x C x H x W, or of N x G x C x H x W),
+    clipped at the first and last map, as §3.3 sums.
+
+    On the CPU it is one matrix product with a banded C x C matrix of 0 and `weight`, which reads the
+    maps once instead of `size` times (`make bench` times the LRN; BENCHMARKS.md). Elsewhere it stays
+    `size` shifted adds: on a GPU a matrix product would follow the TF32 setting, and torch.compile
+    fuses the adds.
+    """
     count = values.shape[-3]
+    if values.device.type == "cpu":
+        band = torch.ones(count, count, dtype=values.dtype).triu_(-(size // 2)).tril_((size - 1) // 2)
+        with torch.autocast("cpu", enabled=False):  # the sum of squares stays in the maps' precision
+            if values.stride(-3) == 1:  # channels-last: the maps are the innermost dimension
+                return (values.movedim(-3, -1) @ band.mul_(weight).T).movedim(-1, -3)
+            # band[i, j] = weight for i - size//2 <= j <= i + (size-1)//2: row i sums map i's window
+            return (band.mul_(weight) @ values.flatten(-2)).view(values.shape)
     padded = F.pad(values, (0, 0, 0, 0, size // 2, (size - 1) // 2))
     total = padded.narrow(-3, 0, count).clone()
     for offset in range(1, size):
         total += padded.narrow(-3, offset, count)
-    return total
+    return total.mul_(weight) if weight != 1.0 else total
 
 
 def _inverse_power(denominator: torch.Tensor, beta: float) -> torch.Tensor:
@@ -46,7 +59,7 @@ def _inverse_power(denominator: torch.Tensor, beta: float) -> torch.Tensor:
     the exp/log of a general power."""
     if beta == 0.75:
         root = denominator.rsqrt()
-        return root * root.sqrt()
+        return root.sqrt().mul_(root)
     return denominator.pow(-beta)
 
 
@@ -60,7 +73,7 @@ class _ResponseNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, maps, size: int, alpha: float, beta: float, k: float):
-        denominator = window_sum(maps * maps, size).mul_(alpha).add_(k)
+        denominator = window_sum(maps * maps, size, alpha).add_(k)
         scale = _inverse_power(denominator, beta)
         ctx.save_for_backward(maps, denominator, scale)
         ctx.size, ctx.alpha, ctx.beta = size, alpha, beta
@@ -69,9 +82,10 @@ class _ResponseNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         maps, denominator, scale = ctx.saved_tensors
-        through = grad * maps * scale / denominator  # g_j b_j / s_j
-        correction = window_sum(through, ctx.size).mul_(maps).mul_(2 * ctx.alpha * ctx.beta)
-        return grad * scale - correction, None, None, None, None
+        grad_scaled = grad * scale
+        through = (grad_scaled * maps).div_(denominator)  # g_j b_j / s_j
+        correction = window_sum(through, ctx.size)
+        return grad_scaled.addcmul_(maps, correction, value=-2 * ctx.alpha * ctx.beta), None, None, None, None
 
 
 def reference_response_norm(

@@ -7,17 +7,54 @@ runs them under bf16 autocast (weights, optimiser and LRN stay fp32). `channels_
 `compile` leave the arithmetic as it is up to summation order, as does the fused-column path
 (`AlexNet.fused`), which is off by default because it measured slower (BENCHMARKS.md). Tests hold
 each one equal to the reference path within its tolerance (tests/test_speed.py).
+
+One option is about the process, not the arithmetic: `keep_freed_memory`, on for every
+`python -m replicate` command (BENCHMARKS.md measures it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 from typing import Literal
 
 import torch
 from torch import nn
 
 Precision = Literal["fp32", "tf32", "bf16"]
+
+KEEP_FREED_MEMORY = "ALEXNET_KEEP_FREED_MEMORY"  # set to 0 to leave the C library's allocator as it is
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
+
+
+def keep_freed_memory() -> bool:
+    """Make the C library's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    PyTorch's CPU tensors come straight from malloc. glibc serves every block above its mmap threshold
+    (32 MiB at most) with a fresh mmap and unmaps it when freed, so every large activation of every
+    training step is new memory that the kernel maps and zeroes page by page on first touch; on the
+    2-core machine that was about 30% of this network's training step (BENCHMARKS.md). With mmap
+    and trimming off, freed blocks return to the heap and the next step reuses them. The price: the
+    process holds on to its peak memory until it exits. `ALEXNET_KEEP_FREED_MEMORY=0` turns it off;
+    it does nothing where the C library has no `mallopt` (macOS, Windows). Returns whether it is on.
+    """
+    if os.environ.get(KEEP_FREED_MEMORY, "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError):  # no mallopt, or no C library to open by None
+        return False
+    # mallopt returns 1 on success; both must hold, or some blocks would still be unmapped
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
+def allocator_note(kept: bool) -> str:
+    return (
+        "freed memory kept for reuse"
+        if kept
+        else f"malloc as the C library sets it ({KEEP_FREED_MEMORY}=0 or no mallopt)"
+    )
 
 
 def set_precision(precision: Precision) -> None:

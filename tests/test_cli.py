@@ -70,6 +70,10 @@ def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "replicate AlexNet: 0.724 G multiply-adds" in result.stdout
     assert "torchvision alexnet: 0.714 G multiply-adds" in result.stdout
+    if sys.platform == "linux":  # glibc's mallopt: every contender runs with freed memory kept
+        assert "allocator: freed memory kept for reuse" in result.stdout
+    for layer in ("lrn1 (48 x 55 x 55)", "lrn2 (128 x 27 x 27)"):  # ours against torch's LRN
+        assert f"{layer}, one column, fwd+bwd: ours median" in result.stdout
     for contender in ("replicate (fused)", "replicate (per-column)"):
         assert f"train ratio {contender}/torchvision:" in result.stdout
         assert f"ten_crop ratio {contender}/torchvision:" in result.stdout

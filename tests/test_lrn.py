@@ -97,3 +97,39 @@ def test_fast_path_in_float32_matches_the_reference():
         rtol=1e-4,
         atol=1e-6,
     )
+
+
+def window_sum_by_shifts(values: torch.Tensor, size: int) -> torch.Tensor:
+    """The clipped window sum of §3.3 as `size` shifted slices of the zero-padded maps."""
+    count = values.shape[-3]
+    padded = torch.nn.functional.pad(values, (0, 0, 0, 0, size // 2, (size - 1) // 2))
+    return sum(padded.narrow(-3, offset, count) for offset in range(size))
+
+
+@pytest.mark.parametrize("size", [5, 3, 4])
+@pytest.mark.parametrize(
+    "layout", ["contiguous", "channels_last", "columns_view", "columns_view_channels_last"]
+)
+def test_cpu_window_sum_as_a_banded_product_equals_the_shifted_sums(size, layout):
+    from replicate.lrn import window_sum
+
+    values = torch.randn(2, 12, 5, 7, dtype=torch.float64)
+    if "channels_last" in layout:
+        values = values.contiguous(memory_format=torch.channels_last)
+    if "columns_view" in layout:  # the fused path's (N, 2, C/2, H, W) view of both columns' maps
+        values = values.unflatten(1, (2, 6))
+    expected = window_sum_by_shifts(values, size)
+    torch.testing.assert_close(window_sum(values, size), expected)
+    torch.testing.assert_close(window_sum(values, size, 1e-4), expected * 1e-4)
+    if "columns_view" in layout:  # no column's window reaches into the other column
+        torch.testing.assert_close(window_sum(values, size)[:, 1], window_sum_by_shifts(values[:, 1], size))
+
+
+def test_cpu_window_sum_stays_in_float32_under_bf16_autocast():
+    from replicate.lrn import window_sum
+
+    values = torch.rand(2, 48, 6, 6) * 200
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        summed = window_sum(values * values, 5, 1e-4)
+    assert summed.dtype == torch.float32
+    torch.testing.assert_close(summed, window_sum_by_shifts(values * values, 5) * 1e-4)

@@ -2,6 +2,9 @@
 the fused columns on a GPU, and a training run with the options on (issue: performance)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from torchvision.models import alexnet
 
 from replicate.lrn import ResponseNorm
 from replicate.model import AlexNet
-from replicate.speed import autocast, memory_format, set_precision, speed_up
+from replicate.speed import KEEP_FREED_MEMORY, autocast, memory_format, set_precision, speed_up
 from tests.conftest import write_image_tree
 from tests.test_train import train
 
@@ -193,3 +196,36 @@ def test_views_cut_on_the_gpu_equal_the_views_cut_on_the_cpu():
         torch.testing.assert_close(
             augment.apply_plan(images.cuda(), plan).cpu(), augment.apply_plan(images, plan)
         )
+
+
+FAULTS_PER_STEP = """
+import resource, sys, torch
+from replicate.speed import keep_freed_memory
+print(keep_freed_memory())
+x = torch.ones(16 * 2**20)  # 64 MiB: above glibc's largest mmap threshold (32 MiB)
+faults = []
+for _ in range(10):  # a "step": temporaries as large as an LRN layer's, freed at its end
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = x * 2; b = a + x; c = (b * a).relu(); del a, b, c
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[5:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_kept_freed_memory_is_reused_without_new_page_faults():
+    def steady_faults(keep: str) -> tuple[str, int]:
+        env = {**os.environ, KEEP_FREED_MEMORY: keep}
+        done = subprocess.run(
+            [sys.executable, "-c", FAULTS_PER_STEP], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        kept, faults = done.stdout.split()
+        return kept, int(faults)
+
+    kept, faults_kept = steady_faults("1")
+    handed_back, faults_default = steady_faults("0")
+    assert (kept, handed_back) == ("True", "False")
+    # glibc's default maps and zeroes every 64 MiB block anew: 16,384 pages each, 3 per step
+    assert faults_default > 5 * 3 * 16_000
+    assert faults_kept < faults_default / 4
