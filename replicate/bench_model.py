@@ -4,7 +4,8 @@ Both networks run on the same device, in this one process, alternating, several 
 figure is forward + backward + optimiser step on one batch (training) or a 10-view forward pass
 (evaluation). torchvision's `alexnet` is the single-column "one weird trick" net (no LRN, 64-192-
 384-256-256 kernels): about the same multiply-adds, printed below, so the ratio measures cost of
-fidelity, not of work.
+fidelity, not of work. It also times this repo's LRN against torch's `F.local_response_norm` on
+one column's two LRN layers, and reports the allocator setting (`speed.keep_freed_memory`).
 """
 
 from __future__ import annotations
