@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from replicate.config import Section
@@ -62,3 +63,29 @@ class CifarNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.fc10(self.features(images).flatten(1))
+
+
+def train_epoch(
+    model: CifarNet,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+) -> float | None:
+    """One epoch of SGD over in-memory tensors in an order drawn from `generator`; the running
+    training error in percent over its batches (what the 2012 code reported), or None as soon as
+    the loss stops being finite (the step is not taken)."""
+    model.train()
+    wrong, order = 0, torch.randperm(len(labels), generator=generator)
+    for begin in range(0, len(order), batch_size):
+        batch = order[begin : begin + batch_size]
+        logits = model(images[batch])
+        loss = F.cross_entropy(logits, labels[batch])
+        if not torch.isfinite(loss):
+            return None
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        wrong += int((logits.argmax(1) != labels[batch]).sum())
+    return 100.0 * wrong / len(labels)

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from replicate.cifar_net import CifarNet, CifarNetConfig
+from replicate.cifar_net import CifarNet, CifarNetConfig, train_epoch
 from replicate.config import ConfigError, Section, to_dict
 from replicate.data.cifar10 import first_images, load_cifar10
 from replicate.optim import PaperSGD
@@ -78,28 +77,14 @@ def train_until(
     model = CifarNet(CifarNetConfig(activation=activation))
     optimizer = PaperSGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    curve, reached = [], None
+    curve, reached, diverged = [], None, False
     for epoch in range(1, epoch_limit + 1):
-        wrong, order = 0, torch.randperm(len(labels), generator=generator)
-        for begin in range(0, len(order), config.batch_size):
-            batch = order[begin : begin + config.batch_size]
-            logits = model(images[batch])
-            loss = F.cross_entropy(logits, labels[batch])
-            if not torch.isfinite(loss):
-                return {
-                    "activation": activation,
-                    "lr": lr,
-                    "seed": seed,
-                    "curve": curve,
-                    "diverged": True,
-                    "epochs_to_threshold": NOT_REACHED,
-                }
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            wrong += int((logits.argmax(1) != labels[batch]).sum())
-        curve.append(100.0 * wrong / len(labels))
-        if curve[-1] <= config.threshold:
+        train_error = train_epoch(model, optimizer, images, labels, config.batch_size, generator)
+        if train_error is None:
+            diverged = True
+            break
+        curve.append(train_error)
+        if train_error <= config.threshold:
             reached = epoch
             break
     return {
@@ -107,7 +92,7 @@ def train_until(
         "lr": lr,
         "seed": seed,
         "curve": curve,
-        "diverged": False,
+        "diverged": diverged,
         "epochs_to_threshold": reached if reached is not None else NOT_REACHED,
     }
 

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from replicate.cifar_net import CifarNet, CifarNetConfig
+from replicate.cifar_net import CifarNet, CifarNetConfig, train_epoch
 from replicate.config import ConfigError, Section, to_dict
 from replicate.data.cifar10 import first_images, load_cifar10
 from replicate.optim import PaperSGD
@@ -76,23 +75,14 @@ def train_arm(norm: str, seed: int, data: dict, config: LrnCifarConfig) -> dict:
         drops = sum(epoch > e for e in config.lr_drop_epochs)
         for group in optimizer.param_groups:
             group["lr"] = config.lr / 10**drops
-        model.train()
-        wrong, order = 0, torch.randperm(len(labels), generator=generator)
-        for begin in range(0, len(order), config.batch_size):
-            batch = order[begin : begin + config.batch_size]
-            logits = model(images[batch])
-            loss = F.cross_entropy(logits, labels[batch])
-            if not torch.isfinite(loss):
-                raise ConfigError(f"lrn-cifar: the loss diverged (norm={norm}, seed {seed}); lower lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            wrong += int((logits.argmax(1) != labels[batch]).sum())
+        train_error = train_epoch(model, optimizer, images, labels, config.batch_size, generator)
+        if train_error is None:
+            raise ConfigError(f"lrn-cifar: the loss diverged (norm={norm}, seed {seed}); lower lr")
         curve.append(
             {
                 "epoch": epoch,
                 "lr": config.lr / 10**drops,
-                "train_error": 100.0 * wrong / len(labels),
+                "train_error": train_error,
                 "test_error": test_error(model, *data["test"]),
             }
         )
