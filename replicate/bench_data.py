@@ -9,9 +9,8 @@ number of workers and batch size, in this one process, alternating, several repe
 The one-time preprocessing rate is reported separately. `--steady N` also times the training
 loader in its steady state (the store read N times per epoch), with the views cut by the workers
 and with them cut on the training device (`data.augment_on: device`; the GPU when there is one).
-With a GPU, also the JPEG store decoded there (torchvision.io.decode_jpeg, device="cuda") with
-crop, flip and mean subtraction: a rate for the projection only; the training loader decodes
-JPEG on the CPU.
+The JPEG store is also timed decoded on the training device (`data.decode_on: device`: nvjpeg on
+a GPU), the workers sending only its compressed bytes.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
+from replicate.data.device_decode import decode_batch
 from replicate.data.imagenet import image_folder
 from replicate.data.loader import DataConfig, EpochBatches, StoreDataset, make_loader
 from replicate.data.sources import DataError, find_bundled
@@ -61,33 +61,6 @@ def epoch_rate(loader, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def gpu_jpeg_rate(store: ImageStore, mean: torch.Tensor, batch_size: int, repeats: int) -> list[float]:
-    """images/s of decoding a JPEG store on the GPU and cutting flipped, mean-subtracted 224 crops."""
-    from torchvision.io import decode_jpeg
-
-    device = torch.device("cuda")
-    mean = mean.to(device)
-    batches = [list(range(i, min(i + batch_size, len(store)))) for i in range(0, len(store), batch_size)]
-    encoded = [store.encoded(b) for b in batches]  # the bytes as a loader worker would read them
-
-    def epoch() -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for data in encoded:
-            images = torch.stack(decode_jpeg(data, device=device)).float()  # B x 3 x 256 x 256
-            top, left = torch.randint(0, 32, (2,)).tolist()
-            views = (
-                images[:, :, top : top + 224, left : left + 224] - mean[:, top : top + 224, left : left + 224]
-            )
-            flips = torch.rand(len(views), device=device) < 0.5
-            views = torch.where(flips[:, None, None, None], views.flip(-1), views)
-        torch.cuda.synchronize()
-        return len(store) / (time.perf_counter() - start)
-
-    epoch()  # warm-up: nvjpeg handles, allocator
-    return [epoch() for _ in range(repeats)]
-
-
 class RepeatedStore:
     """A store read `times` over as one long epoch: a steady-state loader rate (many batches per
     worker) from a few hundred photos. The pixels then sit in the page cache: disk reads are not
@@ -103,6 +76,9 @@ class RepeatedStore:
     def images(self, indices) -> torch.Tensor:
         return self.store.images([i % len(self.store) for i in indices])
 
+    def encoded(self, indices) -> dict[str, torch.Tensor]:
+        return self.store.encoded([i % len(self.store) for i in indices])
+
 
 def steady_rate(
     store: ImageStore,
@@ -113,19 +89,26 @@ def steady_rate(
     device: torch.device | None = None,
 ) -> list[float]:
     """images/s of the training loader over `times` passes of the store per timed epoch. With a
-    `device`, the workers send uint8 images and draws and the views are cut there
-    (`data.augment_on: device`), included in the time."""
+    `device`, the workers send uint8 images (a JPEG store: its compressed bytes) and the draws, and
+    the views are cut there (`data.augment_on: device`; `data.decode_on: device`), in the time."""
     repeated = RepeatedStore(store, times)
     sampler = EpochBatches(len(repeated), config.batch_size, seed=0)
-    mode = "train" if device is None else "train_plan"
+    if device is None:
+        mode = "train"
+    else:
+        mode = "train_encoded" if store.spec.format == "jpeg" else "train_plan"
     loader = make_loader(StoreDataset(repeated, augment, mode), sampler, config)
 
     def epoch() -> float:
         start, seen = time.perf_counter(), 0
         for batch in loader:
             if device is not None:
-                images, plan, labels = batch
-                augment.apply_plan(images.to(device, non_blocking=True), plan)
+                pixels, plan, labels = batch
+                if isinstance(pixels, dict):
+                    images = decode_batch(pixels, device)
+                else:
+                    images = pixels.to(device, non_blocking=True)
+                augment.apply_plan(images, plan)
             seen += len(batch[-1])
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -207,9 +190,8 @@ def run(workers: int, repeats: int, epochs: int, limit: int, batch_size: int, st
             rates["steady_jpeg"] = steady_rate(jpeg, augment, config, steady, repeats)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             rates["steady_raw_device"] = steady_rate(store, augment, config, steady, repeats, device)
+            rates["steady_jpeg_device"] = steady_rate(jpeg, augment, config, steady, repeats, device)
             rates["augment_device"] = [str(device)]
-        if torch.cuda.is_available():
-            rates["gpu_jpeg"] = gpu_jpeg_rate(jpeg, augment.mean, batch_size, repeats)
         shutil.rmtree(workdir / "store")
     ratios = {
         name: [o / b for o, b in zip(rates[name], rates["baseline"], strict=True)]
@@ -246,14 +228,16 @@ def report(result: dict) -> str:
         if result.get("steady_raw")
         else []
     )
-    gpu = (
-        [
+    if result.get("steady_jpeg_device"):
+        steady.append(
+            f"steady state, jpeg store decoded and views cut on {result['augment_device'][0]} "
+            f"(data.decode_on=device): {spread(result['steady_jpeg_device'])} images/s"
+        )
+    if result.get("gpu_jpeg"):  # records from before decode_on=device: a decode-and-crop loop alone
+        steady.append(
             f"jpeg store decoded on the GPU ({result['gpu']}, nvjpeg) + crop/flip/mean: "
             f"{spread(result['gpu_jpeg'])} images/s"
-        ]
-        if result.get("gpu_jpeg")
-        else []
-    )
+        )
     return "\n".join(
         [
             f"images: {result['images']} full-size ImageNet photos; workers: {result['workers']}; "
@@ -269,7 +253,6 @@ def report(result: dict) -> str:
             f"ILSVRC-2012 train (1,281,167 images): raw {raw_bytes * ILSVRC2012_TRAIN / 1e9:.0f} GB, "
             f"jpeg {result['jpeg_bytes'] * ILSVRC2012_TRAIN / 1e9:.0f} GB",
             *steady,
-            *gpu,
         ]
     )
 

@@ -77,14 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         default="steady_raw",
         help="which measured input pipeline feeds the GPU: steady_raw (raw store, views cut by CPU "
         "workers), steady_raw_device (raw store, views cut on the GPU: data.augment_on=device), "
-        "steady_jpeg (JPEG store, CPU decode), gpu_jpeg (JPEG store decoded on the GPU; a benchmark only)",
+        "steady_jpeg (JPEG store, CPU decode), steady_jpeg_device (JPEG store decoded and views cut on "
+        "the GPU: data.decode_on=device), gpu_jpeg (older records: nvjpeg decode and crop alone)",
     )
     parser.add_argument("--gpus", default="1,2,4,8")
     parser.add_argument("--bandwidth", type=float, default=300.0, help="all-reduce GB/s (assumed)")
     args = parser.parse_args(argv)
     data = json.loads(args.data.read_text())
     if args.pipeline not in data:
-        measured = [k for k in ("steady_raw", "steady_raw_device", "steady_jpeg", "gpu_jpeg") if k in data]
+        pipelines = ("steady_raw", "steady_raw_device", "steady_jpeg", "steady_jpeg_device", "gpu_jpeg")
+        measured = [k for k in pipelines if k in data]
         parser.error(f"--pipeline {args.pipeline}: not measured in {args.data} (it has {measured})")
     print(
         f"input pipeline: {args.pipeline}, {data['workers']} workers, median "

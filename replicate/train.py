@@ -25,7 +25,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from replicate.config import ConfigError, Section, to_dict
-from replicate.data.loader import EpochBatches, Prepared, StoreDataset, make_loader, prepare
+from replicate.data.device_decode import decode_batch
+from replicate.data.loader import (
+    EpochBatches,
+    Prepared,
+    StoreDataset,
+    make_loader,
+    prepare,
+    training_mode,
+)
 from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate, topk_correct
 from replicate.model import AlexNet
@@ -173,9 +181,10 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
         )
-        mode = "train_plan" if config.data.augment_on == "device" else "train"
         self.loader = make_loader(
-            StoreDataset(self.prepared.train, self.augment, mode), self.sampler, config.data
+            StoreDataset(self.prepared.train, self.augment, training_mode(config.data)),
+            self.sampler,
+            config.data,
         )
 
     def _prepare(self) -> Prepared:
@@ -306,11 +315,16 @@ class Trainer:
         bar.close()
 
     def _views(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """A loader batch as training views on the first device (cut there under augment_on=device)."""
+        """A loader batch as training views on the first device (cut there under augment_on=device,
+        and decoded there first under decode_on=device)."""
         device = self.devices[0]
-        if len(batch) == 3:  # uint8 images and their random draws
-            images, plan, labels = batch
-            views = self.augment.apply_plan(images.to(device, non_blocking=True), plan)
+        if len(batch) == 3:  # uint8 images, or their JPEG bytes, and their random draws
+            pixels, plan, labels = batch
+            if isinstance(pixels, dict):
+                images = decode_batch(pixels, device)
+            else:
+                images = pixels.to(device, non_blocking=True)
+            views = self.augment.apply_plan(images, plan)
         else:
             views, labels = batch
         return views.to(device, non_blocking=True, memory_format=self.memory_format), labels.to(device)

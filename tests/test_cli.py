@@ -63,6 +63,7 @@ def test_bench_data_smoke_mode_runs():
     result = run("bench-data", "--smoke")
     assert result.returncode == 0, result.stderr
     assert "ratio ours/baseline, raw store:" in result.stdout
+    assert "jpeg store decoded and views cut on" in result.stdout  # data.decode_on=device
 
 
 def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):

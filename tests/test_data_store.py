@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from replicate.data.device_decode import decode_batch
 from replicate.data.imagenet import ImageRef, Split, image_folder
 from replicate.data.sources import DataError
 from replicate.data.store import ImageStore, StoreSpec, build_store, load_rgb
@@ -142,3 +144,43 @@ def test_unfinished_or_damaged_stores_are_named(tmp_path):
     (tmp_path / "half" / "progress.npz").write_bytes(b"")
     with pytest.raises(DataError, match="unfinished"):
         ImageStore(tmp_path / "half")
+
+
+def test_a_jpeg_store_decoded_on_the_device_gives_the_workers_pixels(tmp_path):
+    """data.decode_on=device: the bytes `encoded` hands over decode (torchvision's decode_jpeg,
+    here on the CPU: libjpeg-turbo, as PIL) to exactly the pixels `images` gives; a damaged image
+    is named by its store index; a raw store has no bytes to hand over."""
+    rows, cols = np.mgrid[0:300, 0:260]
+    arrays = [
+        np.stack([rows * 0.8, cols * 0.9 + 10 * i, (rows + cols) * 0.4], -1).astype(np.uint8)
+        for i in range(5)
+    ]
+    split = refs_for(tmp_path, arrays)
+    jpeg = ImageStore(build_store(split, tmp_path / "jpeg", StoreSpec(format="jpeg"), workers=1))
+    encoded = jpeg.encoded([3, 0, 4])
+    assert encoded["sizes"].sum() == len(encoded["jpeg"]) and encoded["indices"].tolist() == [3, 0, 4]
+    decoded = decode_batch(encoded, "cpu")
+    assert decoded.shape == (3, 256, 256, 3) and decoded.dtype == torch.uint8
+    assert torch.equal(decoded, jpeg.images([3, 0, 4]))
+    damaged = {**encoded, "jpeg": encoded["jpeg"].clone()}
+    damaged["jpeg"][:400] = 0  # the first image's header and tables
+    with pytest.raises(DataError, match=r"store images \[3, 0, 4\]: JPEG decoding on cpu failed"):
+        decode_batch(damaged, "cpu")
+    raw = ImageStore(build_store(split, tmp_path / "raw", workers=1))
+    with pytest.raises(DataError, match="a raw store holds no JPEG bytes"):
+        raw.encoded([0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_nvjpeg_decodes_a_jpeg_store_within_a_few_levels_of_the_workers(tmp_path):
+    rng = np.random.default_rng(2)
+    rows, cols = np.mgrid[0:300, 0:260]
+    smooth = np.stack([rows * 0.8, cols * 0.9, (rows + cols) * 0.4], -1)
+    arrays = [np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8) for _ in range(4)]
+    jpeg = ImageStore(
+        build_store(refs_for(tmp_path, arrays), tmp_path / "jpeg", StoreSpec(format="jpeg"), workers=1)
+    )
+    decoded = decode_batch(jpeg.encoded(range(4)), "cuda")
+    assert decoded.device.type == "cuda" and decoded.shape == (4, 256, 256, 3)
+    difference = (decoded.cpu().float() - jpeg.images(range(4)).float()).abs()
+    assert difference.mean() < 0.5 and difference.max() <= 8

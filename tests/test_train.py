@@ -202,3 +202,22 @@ def test_views_cut_on_the_device_train_the_same_weights_as_views_cut_in_workers(
     assert code == 0, err
     mine, theirs = (weights(tmp_path / name / "baseline" / "seed0") for name in ("device", "workers"))
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_a_jpeg_store_decoded_on_the_device_trains_the_same_weights_as_decoded_in_workers(tmp_path):
+    """data.decode_on=device: the workers send a JPEG store's bytes, the training device decodes
+    them (here the CPU: libjpeg-turbo, as PIL in the workers) and cuts the views: the same run."""
+    overrides = [
+        "train.max_steps=3",
+        "train.final_views=[centre]",
+        "data.store_format=jpeg",
+        "data.augment_on=device",
+    ]
+    code, _, err = train(tmp_path / "workers", *overrides)
+    assert code == 0, err
+    code, _, err = train(tmp_path / "device", *overrides, "data.decode_on=device", "data.workers=1")
+    assert code == 0, err
+    mine, theirs = (weights(tmp_path / name / "baseline" / "seed0") for name in ("device", "workers"))
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    code, _, err = train(tmp_path / "raw", "data.decode_on=device")  # a raw store has nothing to decode
+    assert code != 0 and "data.decode_on=device" in err and "data.store_format=jpeg" in err

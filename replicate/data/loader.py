@@ -44,12 +44,22 @@ class DataConfig(Section):
     # processes) or device (the workers send uint8 images and the random draws; the training
     # device does the pixel work: the same views, and far less CPU per image).
     augment_on: Literal["workers", "device"] = "workers"
+    # Where a JPEG store is decoded: workers (PIL) or device (the workers send the compressed
+    # bytes; the training device decodes the batch, with nvjpeg on a GPU). Needs
+    # store_format=jpeg and augment_on=device.
+    decode_on: Literal["workers", "device"] = "workers"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.batch_size < 1 or self.workers < 0 or self.limit_per_class < 0:
             raise ConfigError("batch_size must be >= 1, workers and limit_per_class >= 0")
+        if self.decode_on == "device" and (self.store_format != "jpeg" or self.augment_on != "device"):
+            raise ConfigError(
+                "data.decode_on=device decodes a JPEG store where the views are cut: it needs "
+                f"data.store_format=jpeg and data.augment_on=device (got {self.store_format}, "
+                f"{self.augment_on})"
+            )
 
 
 def even_subset(split: Split, per_class: int) -> Split:
@@ -167,15 +177,27 @@ class EpochBatches(Sampler):
             yield [(self.epoch, p, order[p]) for p in positions]
 
 
+# What a training batch holds: views (train), uint8 images and draws (train_plan: augment_on=device),
+# or JPEG bytes and draws (train_encoded: decode_on=device).
+TRAINING_MODES = ("train", "train_plan", "train_encoded")
+
+
+def training_mode(config: DataConfig) -> str:
+    if config.decode_on == "device":
+        return "train_encoded"
+    return "train_plan" if config.augment_on == "device" else "train"
+
+
 class StoreDataset(Dataset):
     """Batches from a store: `mode` train (one random view), centre, or ten_crop (B x 10 views).
 
     train_plan: (uint8 images, the batch's random draws, labels), for `Augment.apply_plan` on the
-    training device (`data.augment_on: device`)."""
+    training device (`data.augment_on: device`). train_encoded: the same with the JPEG bytes in
+    place of the images (`ImageStore.encoded`), decoded there too (`data.decode_on: device`)."""
 
     def __init__(self, store: ImageStore, augment: Augment, mode: str = "train") -> None:
-        if mode not in ("train", "train_plan", "centre", "ten_crop"):
-            raise ValueError(f"mode {mode!r}: expected train, train_plan, centre or ten_crop")
+        if mode not in TRAINING_MODES + ("centre", "ten_crop"):
+            raise ValueError(f"mode {mode!r}: expected one of {TRAINING_MODES} or centre or ten_crop")
         self.store, self.augment, self.mode = store, augment, mode
 
     def __len__(self) -> int:
@@ -183,10 +205,13 @@ class StoreDataset(Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         indices = [index for _, _, index in keys]
-        images = self.store.images(indices)
-        if self.mode == "train_plan":
+        if self.mode in ("train_plan", "train_encoded"):
             plan = self.augment.plan([(epoch, position) for epoch, position, _ in keys])
-            return images, plan, self.store.labels[indices]
+            pixels = (
+                self.store.encoded(indices) if self.mode == "train_encoded" else self.store.images(indices)
+            )
+            return pixels, plan, self.store.labels[indices]
+        images = self.store.images(indices)
         if self.mode == "train":
             views = self.augment.train(images, [(epoch, position) for epoch, position, _ in keys])
         else:

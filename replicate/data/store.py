@@ -346,12 +346,22 @@ class ImageStore:
             out[row] = np.asarray(Image.open(encoded).convert("RGB"))
         return torch.from_numpy(out)
 
-    def encoded(self, indices: Sequence[int]) -> list[torch.Tensor]:
-        """A JPEG store's compressed bytes, one uint8 tensor per image (for GPU decoding)."""
+    def encoded(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A JPEG store's compressed images, undecoded, for decoding on the training device
+        (`data.decode_on: device`): their bytes end to end in one uint8 tensor (one buffer to pass
+        between processes, not one per image), each one's size, and the store indices."""
         if self.spec.format != "jpeg":
             raise DataError(f"{self.folder}: a {self.spec.format} store holds no JPEG bytes")
         data = self._open()
-        return [torch.from_numpy(data[self.offsets[i] : self.offsets[i + 1]].copy()) for i in indices]
+        ranges = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in indices]
+        joined = (
+            np.concatenate([data[begin:end] for begin, end in ranges]) if ranges else np.zeros(0, np.uint8)
+        )
+        return {
+            "jpeg": torch.from_numpy(joined),
+            "sizes": torch.tensor([end - begin for begin, end in ranges], dtype=torch.long),
+            "indices": torch.tensor(list(indices), dtype=torch.long),
+        }
 
     def stats(self) -> dict[str, np.ndarray]:
         """The mean image (0-255) and RGB eigenvalues/eigenvectors of a training store (§4.1)."""
