@@ -19,6 +19,7 @@ from torch import nn
 
 from replicate.config import ConfigError, Section
 from replicate.lrn import LRNRule, ResponseNorm, SpatialResponseNorm, response_norm
+from replicate.pool import MaxPool
 
 Activation = Literal["relu", "tanh"]
 Pooling = Literal["overlapping", "non_overlapping"]
@@ -152,7 +153,7 @@ def make_activation(name: Activation) -> nn.Module:
 def make_pool(pooling: Pooling) -> nn.Module:
     # §3.4: overlapping z=3, s=2. Non-overlapping z=s=2 gives the same sizes (55->27->13->6),
     # so FC6 reads 6x6 maps under both; FC6's input size is computed, not assumed, all the same.
-    return nn.MaxPool2d(3, 2) if pooling == "overlapping" else nn.MaxPool2d(2, 2)
+    return MaxPool(3, 2) if pooling == "overlapping" else MaxPool(2, 2)
 
 
 @dataclass(frozen=True)
