@@ -4,8 +4,9 @@ Both networks run on the same device, in this one process, alternating, several 
 figure is forward + backward + optimiser step on one batch (training) or a 10-view forward pass
 (evaluation). torchvision's `alexnet` is the single-column "one weird trick" net (no LRN, 64-192-
 384-256-256 kernels): about the same multiply-adds, printed below, so the ratio measures cost of
-fidelity, not of work. It also times this repo's LRN against torch's `F.local_response_norm` on
-one column's two LRN layers, and reports the allocator setting (`speed.keep_freed_memory`).
+fidelity, not of work. It also times this repo's LRN against torch's `F.local_response_norm` and
+its max-pooling against `nn.MaxPool2d` on one column's maps, and reports the allocator setting
+(`speed.keep_freed_memory`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torchvision.models import alexnet
 from replicate.lrn import ResponseNorm, reference_response_norm
 from replicate.model import AlexNet
 from replicate.optim import OptimConfig, paper_optimizer
+from replicate.pool import MaxPool
 from replicate.speed import (
     Precision,
     allocator_note,
@@ -104,31 +106,42 @@ def contenders(device: torch.device, options: Options) -> dict[str, tuple[nn.Mod
     }
 
 
-def lrn_times(device: torch.device, batch: int, repeats: int, options: Options) -> dict:
-    """Forward + backward milliseconds of one column's LRN layers (§3.3): `ResponseNorm` (its own
-    autograd function) against torch's `F.local_response_norm` computing the same rule, alternating."""
-    ours = ResponseNorm()
-    norms = {
-        "ours": ours,
-        "torch F.local_response_norm": partial(
-            reference_response_norm, size=ours.size, alpha=ours.alpha, beta=ours.beta, k=ours.k
-        ),
+def layer_times(device: torch.device, batch: int, repeats: int, options: Options) -> dict:
+    """Forward + backward milliseconds of one column's LRN layers (§3.3) and max-pooling layers
+    (§3.4), ours against torch's own, alternating: `ResponseNorm` (its own autograd function) vs
+    `F.local_response_norm` computing the same rule, and `MaxPool` (channels-last inside on the
+    CPU) vs `nn.MaxPool2d`."""
+    norm = ResponseNorm()
+    pairs = {
+        "lrn": {
+            "ours": norm,
+            "torch F.local_response_norm": partial(
+                reference_response_norm, size=norm.size, alpha=norm.alpha, beta=norm.beta, k=norm.k
+            ),
+        },
+        "pool": {"ours": MaxPool(3, 2), "torch nn.MaxPool2d": nn.MaxPool2d(3, 2)},
+    }
+    shapes = {  # one column's maps where each layer reads them (a 224 x 224 input)
+        "lrn": {"lrn1": (48, 55), "lrn2": (128, 27)},
+        "pool": {"pool1": (48, 55), "pool2": (128, 27), "pool5": (128, 13)},
     }
 
-    def forward_backward(norm, inputs: torch.Tensor, upstream: torch.Tensor) -> None:
-        torch.autograd.grad(norm(inputs), inputs, upstream)
+    def forward_backward(layer, inputs: torch.Tensor, upstream: torch.Tensor) -> None:
+        torch.autograd.grad(layer(inputs), inputs, upstream)
 
-    times: dict[str, dict[str, list[float]]] = {}
-    for layer, (maps, side) in {"lrn1 (48 x 55 x 55)": (48, 55), "lrn2 (128 x 27 x 27)": (128, 27)}.items():
-        inputs = torch.rand(batch, maps, side, side, device=device) * 100
-        inputs = inputs.contiguous(memory_format=memory_format(options.channels_last)).requires_grad_()
-        upstream = torch.randn_like(inputs)
-        times[layer] = {name: [] for name in norms}
-        for repeat in range(repeats + 1):  # the first round warms up
-            for name, norm in norms.items():
-                elapsed = timed(partial(forward_backward, norm, inputs, upstream), device)
-                if repeat:
-                    times[layer][name].append(elapsed * 1000)
+    times: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for kind, layers in pairs.items():
+        times[kind] = {}
+        for name, (maps, side) in shapes[kind].items():
+            inputs = torch.rand(batch, maps, side, side, device=device) * 100
+            inputs = inputs.contiguous(memory_format=memory_format(options.channels_last)).requires_grad_()
+            upstream = torch.randn_like(layers["ours"](inputs.detach()))
+            measured = times[kind][f"{name} ({maps} x {side} x {side})"] = {who: [] for who in layers}
+            for repeat in range(repeats + 1):  # the first round warms up
+                for who, layer in layers.items():
+                    elapsed = timed(partial(forward_backward, layer, inputs, upstream), device)
+                    if repeat:
+                        measured[who].append(elapsed * 1000)
     return times
 
 
@@ -191,7 +204,7 @@ def run(
             print(f"--- profile: {name}, {steps} training step(s) ---")
             print(profiler.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
     return {
-        "lrn": lrn_times(device, batch, repeats, options),
+        **layer_times(device, batch, repeats, options),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch,
         "options": str(options),
@@ -226,14 +239,16 @@ def report(result: dict, saved: bool = False) -> str:
                 f"{phase:>8} ratio {mine}/torchvision: min {min(ratios):.2f} / median "
                 f"{statistics.median(ratios):.2f} / max {max(ratios):.2f}  (target >= 1.2)"
             )
-    for layer, times in result.get("lrn", {}).items():  # records of stop 10 have none
-        spans = {name: f"median {statistics.median(t):.1f} ms" for name, t in times.items()}
-        speedups = [b / a for a, b in zip(*times.values(), strict=True)]
-        lines.append(
-            f"    {layer}, one column, fwd+bwd: ours {spans['ours']}, torch "
-            f"{spans['torch F.local_response_norm']}; torch/ours min {min(speedups):.2f} / median "
-            f"{statistics.median(speedups):.2f} / max {max(speedups):.2f}"
-        )
+    for kind in ("lrn", "pool"):  # records of stop 10 have neither, of stop 11 no pool
+        for layer, times in result.get(kind, {}).items():
+            reference = next(name for name in times if name != "ours")
+            spans = {name: f"median {statistics.median(t):.1f} ms" for name, t in times.items()}
+            speedups = [b / a for a, b in zip(times["ours"], times[reference], strict=True)]
+            lines.append(
+                f"    {layer}, one column, fwd+bwd: ours {spans['ours']}, {reference} "
+                f"{spans[reference]}; {reference.split()[0]}/ours min {min(speedups):.2f} / median "
+                f"{statistics.median(speedups):.2f} / max {max(speedups):.2f}"
+            )
     return "\n".join(lines)
 
 

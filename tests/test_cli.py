@@ -75,6 +75,8 @@ def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
         assert "allocator: freed memory kept for reuse" in result.stdout
     for layer in ("lrn1 (48 x 55 x 55)", "lrn2 (128 x 27 x 27)"):  # ours against torch's LRN
         assert f"{layer}, one column, fwd+bwd: ours median" in result.stdout
+    for layer in ("pool1 (48 x 55 x 55)", "pool2 (128 x 27 x 27)", "pool5 (128 x 13 x 13)"):
+        assert f"{layer}, one column, fwd+bwd: ours median" in result.stdout  # ... and nn.MaxPool2d
     for contender in ("replicate (fused)", "replicate (per-column)"):
         assert f"train ratio {contender}/torchvision:" in result.stdout
         assert f"ten_crop ratio {contender}/torchvision:" in result.stdout

@@ -162,6 +162,7 @@ def test_a_run_with_every_speed_option_trains_and_evaluates(tmp_path):
     "options",
     [
         ["train.precision=fp32", "data.augment_on=device"],
+        ["data.store_format=jpeg", "data.augment_on=device", "data.decode_on=device"],  # nvjpeg
         ["train.precision=bf16", "train.channels_last=true", "train.compile=true"],
     ],
 )

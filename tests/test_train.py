@@ -192,32 +192,28 @@ def test_make_replicate_style_run_ends_with_a_labelled_table(tmp_path):
     assert abs(record["views"]["ten_crop"]["loss"] - single["loss"]) < 1e-4
 
 
+def same_run_with(tmp_path: Path, common: list[str], *device_options: str) -> bool:
+    """Whether a 3-step run with `device_options` (and one loader worker) ends with exactly the
+    weights of the same run without them."""
+    overrides = ["train.max_steps=3", "train.final_views=[centre]", *common]
+    code, _, err = train(tmp_path / "workers", *overrides)
+    assert code == 0, err
+    code, _, err = train(tmp_path / "device", *overrides, *device_options, "data.workers=1")
+    assert code == 0, err
+    mine, theirs = (weights(tmp_path / name / "baseline" / "seed0") for name in ("device", "workers"))
+    return all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
 def test_views_cut_on_the_device_train_the_same_weights_as_views_cut_in_workers(tmp_path):
     """data.augment_on=device: the workers send uint8 images and the random draws, the training
     device cuts the views. Same draws, same pixels: the same run (deterministic CPU)."""
-    overrides = ["train.max_steps=3", "train.final_views=[centre]"]
-    code, _, err = train(tmp_path / "workers", *overrides)
-    assert code == 0, err
-    code, _, err = train(tmp_path / "device", *overrides, "data.augment_on=device", "data.workers=1")
-    assert code == 0, err
-    mine, theirs = (weights(tmp_path / name / "baseline" / "seed0") for name in ("device", "workers"))
-    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert same_run_with(tmp_path, [], "data.augment_on=device")
 
 
 def test_a_jpeg_store_decoded_on_the_device_trains_the_same_weights_as_decoded_in_workers(tmp_path):
     """data.decode_on=device: the workers send a JPEG store's bytes, the training device decodes
     them (here the CPU: libjpeg-turbo, as PIL in the workers) and cuts the views: the same run."""
-    overrides = [
-        "train.max_steps=3",
-        "train.final_views=[centre]",
-        "data.store_format=jpeg",
-        "data.augment_on=device",
-    ]
-    code, _, err = train(tmp_path / "workers", *overrides)
-    assert code == 0, err
-    code, _, err = train(tmp_path / "device", *overrides, "data.decode_on=device", "data.workers=1")
-    assert code == 0, err
-    mine, theirs = (weights(tmp_path / name / "baseline" / "seed0") for name in ("device", "workers"))
-    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    jpeg = ["data.store_format=jpeg", "data.augment_on=device"]
+    assert same_run_with(tmp_path, jpeg, "data.decode_on=device")
     code, _, err = train(tmp_path / "raw", "data.decode_on=device")  # a raw store has nothing to decode
     assert code != 0 and "data.decode_on=device" in err and "data.store_format=jpeg" in err
