@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
-from replicate.data.device_decode import decode_batch
+from replicate.data.device_decode import images_on
 from replicate.data.imagenet import image_folder
 from replicate.data.loader import DataConfig, EpochBatches, StoreDataset, make_loader
 from replicate.data.sources import DataError, find_bundled
@@ -104,11 +104,7 @@ def steady_rate(
         for batch in loader:
             if device is not None:
                 pixels, plan, labels = batch
-                if isinstance(pixels, dict):
-                    images = decode_batch(pixels, device)
-                else:
-                    images = pixels.to(device, non_blocking=True)
-                augment.apply_plan(images, plan)
+                augment.apply_plan(images_on(pixels, device), plan)
             seen += len(batch[-1])
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)

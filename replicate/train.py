@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from replicate.config import ConfigError, Section, to_dict
-from replicate.data.device_decode import decode_batch
+from replicate.data.device_decode import images_on
 from replicate.data.loader import (
     EpochBatches,
     Prepared,
@@ -320,11 +320,7 @@ class Trainer:
         device = self.devices[0]
         if len(batch) == 3:  # uint8 images, or their JPEG bytes, and their random draws
             pixels, plan, labels = batch
-            if isinstance(pixels, dict):
-                images = decode_batch(pixels, device)
-            else:
-                images = pixels.to(device, non_blocking=True)
-            views = self.augment.apply_plan(images, plan)
+            views = self.augment.apply_plan(images_on(pixels, device), plan)
         else:
             views, labels = batch
         return views.to(device, non_blocking=True, memory_format=self.memory_format), labels.to(device)

@@ -3,7 +3,7 @@
 The loader workers only read the compressed bytes (`ImageStore.encoded`); the training device
 decodes a whole batch in one call of torchvision's `decode_jpeg`: nvjpeg on a GPU, libjpeg-turbo
 on the CPU. libjpeg-turbo is also what PIL decodes with in the workers, so on the CPU the pixels
-are identical (tested); nvjpeg's may differ by a level or two where its IDCT and chroma
+are identical (tested); nvjpeg's may differ by a few levels where its IDCT and chroma
 upsampling round differently (tested on a GPU, within a tolerance).
 """
 
@@ -43,3 +43,11 @@ def decode_batch(encoded: dict[str, torch.Tensor], device: torch.device | str) -
             "the store is damaged: delete its folder and prepare the data again"
         ) from None
     return torch.stack(images).permute(0, 2, 3, 1)
+
+
+def images_on(pixels: torch.Tensor | dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A device-side training batch's uint8 images on `device`: its images moved there
+    (`data.augment_on: device`), or its JPEG bytes decoded there (`data.decode_on: device`)."""
+    if isinstance(pixels, dict):
+        return decode_batch(pixels, device)
+    return pixels.to(device, non_blocking=True)
