@@ -216,4 +216,4 @@ def test_a_jpeg_store_decoded_on_the_device_trains_the_same_weights_as_decoded_i
     jpeg = ["data.store_format=jpeg", "data.augment_on=device"]
     assert same_run_with(tmp_path, jpeg, "data.decode_on=device")
     code, _, err = train(tmp_path / "raw", "data.decode_on=device")  # a raw store has nothing to decode
-    assert code != 0 and "data.decode_on=device" in err and "data.store_format=jpeg" in err
+    assert code != 0 and "data.decode_on=device decodes" in err and "needs store_format=jpeg" in err

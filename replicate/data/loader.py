@@ -56,9 +56,9 @@ class DataConfig(Section):
             raise ConfigError("batch_size must be >= 1, workers and limit_per_class >= 0")
         if self.decode_on == "device" and (self.store_format != "jpeg" or self.augment_on != "device"):
             raise ConfigError(
-                "data.decode_on=device decodes a JPEG store where the views are cut: it needs "
-                f"data.store_format=jpeg and data.augment_on=device (got {self.store_format}, "
-                f"{self.augment_on})"
+                "decode_on=device decodes a JPEG store where the views are cut, so it needs "
+                "store_format=jpeg and augment_on=device (got store_format="
+                f"{self.store_format}, augment_on={self.augment_on})"
             )
 
 
