@@ -53,7 +53,8 @@ bench: $(STAMP)
 bench-data: $(STAMP)
 	$(PY) -m replicate bench-data
 
-# On a GPU machine: the network in fp32 and under the fastest options, the input pipeline with all
+# On a GPU machine: the network in fp32 and under the fastest options (the fused Triton LRN and CUDA
+# graphs each measured on their own), the input pipeline with all
 # cores and GPU JPEG decoding, then the 90-epoch projection (BENCHMARKS.md; the H100 records of
 # analysis/benchmarks/h100 came from these commands).
 BENCH_OUT ?= reports/bench
@@ -62,6 +63,8 @@ bench-gpu: $(STAMP)
 	$(PY) -m replicate bench --steps 10 --precision fp32 --profile --json $(BENCH_OUT)/fp32.json
 	$(PY) -m replicate bench --steps 10 --precision tf32 --compile --json $(BENCH_OUT)/tf32-compile.json
 	$(PY) -m replicate bench --steps 10 --precision bf16 --channels-last --compile --json $(BENCH_OUT)/bf16-cl-compile.json
+	$(PY) -m replicate bench --steps 10 --precision fp32 --lrn-kernel triton --profile --json $(BENCH_OUT)/fp32-triton-lrn.json
+	$(PY) -m replicate bench --steps 10 --precision tf32 --compile reduce-overhead --json $(BENCH_OUT)/tf32-compile-cudagraphs.json
 	$(PY) -m replicate bench-data --workers $(shell nproc) --batch-size 128 --steady 25 --repeats 3 --json $(BENCH_OUT)/data.json
 	$(PY) -m replicate project $(BENCH_OUT)/fp32.json $(BENCH_OUT)/tf32-compile.json \
 		$(BENCH_OUT)/bf16-cl-compile.json --data $(BENCH_OUT)/data.json --contender "replicate (per-column)" \

@@ -24,14 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import alexnet
 
-from replicate.lrn import ResponseNorm, reference_response_norm
+from replicate.lrn import LRNKernel, ResponseNorm, reference_response_norm, use_lrn_kernel
+from replicate.lrn_triton import unavailable_reason
 from replicate.model import AlexNet
 from replicate.optim import OptimConfig, paper_optimizer
 from replicate.pool import MaxPool
 from replicate.speed import (
+    CompileMode,
     Precision,
     allocator_note,
     autocast,
+    begin_step,
     keep_freed_memory,
     memory_format,
     set_precision,
@@ -84,9 +87,14 @@ class Options:
     precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
+    lrn_kernel: LRNKernel = "torch"  # replicate's nets only: torchvision's has no LRN
+    compile_mode: CompileMode = "default"
 
     def __str__(self) -> str:
-        return f"precision {self.precision}; channels_last {self.channels_last}; compile {self.compile}"
+        text = f"precision {self.precision}; channels_last {self.channels_last}; compile {self.compile}"
+        if self.compile_mode != "default":
+            text += f" ({self.compile_mode})"
+        return text + ("; lrn_kernel triton" if self.lrn_kernel == "triton" else "")
 
 
 TORCHVISION, FUSED, PER_COLUMN = "torchvision alexnet", "replicate (fused)", "replicate (per-column)"
@@ -100,8 +108,13 @@ def contenders(device: torch.device, options: Options) -> dict[str, tuple[nn.Mod
         FUSED: AlexNet(1000, fused=True),
         PER_COLUMN: AlexNet(1000, fused=False),
     }
+    for name in (FUSED, PER_COLUMN):
+        use_lrn_kernel(models[name], options.lrn_kernel)
     return {
-        name: (model.to(device), speed_up(model, options.channels_last, options.compile))
+        name: (
+            model.to(device),
+            speed_up(model, options.channels_last, options.compile, options.compile_mode),
+        )
         for name, model in models.items()
     }
 
@@ -110,7 +123,7 @@ def layer_times(device: torch.device, batch: int, repeats: int, options: Options
     """Forward + backward milliseconds of one column's LRN layers (§3.3) and max-pooling layers
     (§3.4), ours against torch's own, alternating: `ResponseNorm` (its own autograd function) vs
     `F.local_response_norm` computing the same rule, and `MaxPool` (channels-last inside on the
-    CPU) vs `nn.MaxPool2d`."""
+    CPU) vs `nn.MaxPool2d`; on a GPU with Triton also the fused LRN kernels (`lrn_triton`)."""
     norm = ResponseNorm()
     pairs = {
         "lrn": {
@@ -121,6 +134,8 @@ def layer_times(device: torch.device, batch: int, repeats: int, options: Options
         },
         "pool": {"ours": MaxPool(3, 2), "torch nn.MaxPool2d": nn.MaxPool2d(3, 2)},
     }
+    if not options.channels_last and unavailable_reason([device]) is None:
+        pairs["lrn"]["ours (triton)"] = ResponseNorm(kernel="triton")
     shapes = {  # one column's maps where each layer reads them (a 224 x 224 input)
         "lrn": {"lrn1": (48, 55), "lrn2": (128, 27)},
         "pool": {"pool1": (48, 55), "pool2": (128, 27), "pool5": (128, 13)},
@@ -163,6 +178,7 @@ def run(
         (model, network), optimizer = models[name], optimizers[name]
         model.train()
         for _ in range(steps):
+            begin_step(options.compile_mode)
             with autocast(device, options.precision):
                 logits = network(images)
             loss = F.cross_entropy(logits.float(), labels)
@@ -241,14 +257,18 @@ def report(result: dict, saved: bool = False) -> str:
             )
     for kind in ("lrn", "pool"):  # records of stop 10 have neither, of stop 11 no pool
         for layer, times in result.get(kind, {}).items():
-            reference = next(name for name in times if name != "ours")
-            spans = {name: f"median {statistics.median(t):.1f} ms" for name, t in times.items()}
-            speedups = [b / a for a, b in zip(times["ours"], times[reference], strict=True)]
-            lines.append(
-                f"    {layer}, one column, fwd+bwd: ours {spans['ours']}, {reference} "
-                f"{spans[reference]}; {reference.split()[0]}/ours min {min(speedups):.2f} / median "
-                f"{statistics.median(speedups):.2f} / max {max(speedups):.2f}"
-            )
+            reference = next(name for name in times if name.startswith("torch"))
+            for mine in (name for name in times if name != reference):  # ours; on a GPU ours (triton)
+                speedups = [b / a for a, b in zip(times[mine], times[reference], strict=True)]
+                medians = {
+                    name: f"median {statistics.median(times[name]):.1f} ms" for name in (mine, reference)
+                }
+                lines.append(
+                    f"    {layer}, one column, fwd+bwd: {mine} {medians[mine]}, "
+                    f"{reference} {medians[reference]}; "
+                    f"torch/{mine} min {min(speedups):.2f} / median {statistics.median(speedups):.2f} / max "
+                    f"{max(speedups):.2f}"
+                )
     return "\n".join(lines)
 
 
@@ -264,7 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
     parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every contender")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=["default", "reduce-overhead"],
+        help="torch.compile every contender, in this mode (reduce-overhead: CUDA graphs too)",
+    )
+    parser.add_argument(
+        "--lrn-kernel",
+        choices=["torch", "triton"],
+        default="torch",
+        help="replicate's LRN layers: torch ops, or the fused Triton kernels (CUDA only)",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="also print a profile of each contender's step"
     )
@@ -277,7 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         print("\n\n".join(report(json.loads(path.read_text()), saved=True) for path in args.report))
         return 0
-    options = Options(args.precision, args.channels_last, args.compile)
+    compile_mode = args.compile or "default"
+    options = Options(args.precision, args.channels_last, bool(args.compile), args.lrn_kernel, compile_mode)
+    if options.lrn_kernel == "triton" and not args.report:
+        why_not = unavailable_reason([torch.device(args.device)])
+        if why_not or options.compile or options.channels_last:
+            parser.error(
+                f"--lrn-kernel triton: {why_not or 'NCHW maps and no --compile (as train.lrn_kernel)'}"
+            )
     kept = keep_freed_memory()  # as every `python -m replicate` command does; applies to all contenders
     if args.smoke:
         result = run(torch.device("cpu"), batch=2, repeats=1, steps=1, options=Options(channels_last=True))

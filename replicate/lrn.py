@@ -9,6 +9,8 @@ The paper's formula, with N maps and the sum clipped at the first and last map:
 i.e. it divides alpha by n, so the paper's rule is `local_response_norm(a, n, alpha * n, beta, k)`
 (`reference_response_norm`). `ResponseNorm` computes the same rule with its own autograd function,
 cheaper in time and memory (BENCHMARKS.md); tests hold it equal to the reference and to the formula.
+On a GPU, `kernel="triton"` (`train.lrn_kernel`) runs the same rule as two fused Triton kernels
+(`lrn_triton`).
 The original 2012 code divides its configured `scale` by `size` the same way (layer.py, cmrnorm),
 which is why the two rules below differ by a factor n in alpha.
 """
@@ -21,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from replicate.lrn_triton import fused_response_norm
+
 LRNRule = Literal["paper", "code2012", "off"]
+LRNKernel = Literal["torch", "triton"]
 
 # §3.3: "k = 2, n = 5, alpha = 10^-4, and beta = 0.75".
 PAPER_SIZE = 5
@@ -108,9 +113,11 @@ class ResponseNorm(nn.Module):
         alpha: float = PAPER_ALPHA,
         beta: float = PAPER_BETA,
         k: float = PAPER_K,
+        kernel: LRNKernel = "torch",
     ) -> None:
         super().__init__()
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        self.kernel = kernel  # triton: the fused kernels, for contiguous maps on a GPU outside torch.compile
 
     def forward(self, maps: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """`groups` > 1: the maps are that many columns side by side (N x G*C x H x W); each is
@@ -123,12 +130,19 @@ class ResponseNorm(nn.Module):
         view = maps.float() if low else maps
         if groups > 1:
             view = view.unflatten(1, (groups, -1))
-        out = _ResponseNormFunction.apply(view, self.size, self.alpha, self.beta, self.k)
+        fused = self.kernel == "triton" and view.is_cuda and view.is_contiguous()
+        if fused and not torch.compiler.is_compiling():  # compiled, Inductor fuses the torch path itself
+            out = fused_response_norm(view, self.size, self.alpha, self.beta, self.k)
+        else:
+            out = _ResponseNormFunction.apply(view, self.size, self.alpha, self.beta, self.k)
         out = out.flatten(1, 2) if groups > 1 else out
         return out.to(maps.dtype) if low else out
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, alpha={self.alpha:g} (per squared map), beta={self.beta}, k={self.k}"
+        kernel = ", kernel=triton" if self.kernel == "triton" else ""
+        return (
+            f"size={self.size}, alpha={self.alpha:g} (per squared map), beta={self.beta}, k={self.k}{kernel}"
+        )
 
 
 class SpatialResponseNorm(nn.Module):
@@ -167,3 +181,10 @@ def response_norm(rule: LRNRule, k: float = PAPER_K) -> nn.Module:
     if rule == "off":
         return nn.Identity()
     raise ValueError(f"unknown LRN rule {rule!r}: expected 'paper', 'code2012' or 'off'")
+
+
+def use_lrn_kernel(model: nn.Module, kernel: LRNKernel) -> None:
+    """Every `ResponseNorm` of `model` runs on `kernel` (torch ops, or the fused Triton kernels)."""
+    for module in model.modules():
+        if isinstance(module, ResponseNorm):
+            module.kernel = kernel

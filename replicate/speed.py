@@ -4,7 +4,8 @@ The paper trained in fp32 (§5; the 2012 code had nothing else), so `precision: 
 and means fp32 everywhere, convolutions too: PyTorch lets cuDNN use TF32 by default on Ampere and
 later GPUs, which `fp32` turns off. `tf32` allows it for convolutions and matrix products; `bf16`
 runs them under bf16 autocast (weights, optimiser and LRN stay fp32). `channels_last` and
-`compile` leave the arithmetic as it is up to summation order, as does the fused-column path
+`compile` (with `compile_mode: reduce-overhead`, CUDA graphs as well) leave the arithmetic as it is
+up to summation order, as does the fused-column path
 (`AlexNet.fused`), which is off by default because it measured slower (BENCHMARKS.md). Tests hold
 each one equal to the reference path within its tolerance (tests/test_speed.py).
 
@@ -23,6 +24,9 @@ import torch
 from torch import nn
 
 Precision = Literal["fp32", "tf32", "bf16"]
+# torch.compile's modes; reduce-overhead also replays each step as a CUDA graph (one launch for the
+# step's hundreds of kernels). max-autotune would time kernel variants at every start: not offered.
+CompileMode = Literal["default", "reduce-overhead"]
 
 KEEP_FREED_MEMORY = "ALEXNET_KEEP_FREED_MEMORY"  # set to 0 to leave the C library's allocator as it is
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
@@ -75,9 +79,18 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def speed_up(model: nn.Module, channels_last: bool, compile: bool) -> nn.Module:
+def speed_up(
+    model: nn.Module, channels_last: bool, compile: bool, compile_mode: CompileMode = "default"
+) -> nn.Module:
     """The model in channels-last layout (in place) and/or wrapped by torch.compile. The returned
     module shares the parameters: checkpoints are still written from the original one."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile else model
+    return torch.compile(model, mode=compile_mode) if compile else model
+
+
+def begin_step(compile_mode: CompileMode) -> None:
+    """Before each training forward under CUDA graphs: the previous step's outputs may be overwritten
+    (torch.compiler.cudagraph_mark_step_begin)."""
+    if compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()

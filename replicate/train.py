@@ -36,9 +36,19 @@ from replicate.data.loader import (
 )
 from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate, topk_correct
+from replicate.lrn import LRNKernel, use_lrn_kernel
+from replicate.lrn_triton import unavailable_reason
 from replicate.model import AlexNet
 from replicate.optim import PaperSGD, PlateauSchedule, paper_optimizer
-from replicate.speed import Precision, autocast, memory_format, set_precision, speed_up
+from replicate.speed import (
+    CompileMode,
+    Precision,
+    autocast,
+    begin_step,
+    memory_format,
+    set_precision,
+    speed_up,
+)
 from replicate.tracking import Tracker, environment, write_json
 
 
@@ -60,7 +70,9 @@ class TrainConfig(Section):
     precision: Precision = "fp32"  # fp32 | tf32 | bf16 (autocast)
     channels_last: bool = False  # NHWC memory layout for the convolutions
     compile: bool = False  # torch.compile the network
+    compile_mode: CompileMode = "default"  # reduce-overhead: CUDA graphs too (needs compile=true)
     fused_columns: bool = False  # both columns in one tensor (grouped convs): faster only compiled
+    lrn_kernel: LRNKernel = "torch"  # triton: the LRN as fused Triton kernels, on a GPU (lrn_triton)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +81,14 @@ class TrainConfig(Section):
             raise ConfigError(f"final_views: {unknown[0]!r} is not one of ['centre', 'ten_crop']")
         if self.epochs < 1 or self.checkpoint_every < 1 or self.log_every < 1 or self.eval_batch_size < 1:
             raise ConfigError("epochs, checkpoint_every, log_every and eval_batch_size must be >= 1")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"compile_mode={self.compile_mode} needs compile=true")
+        if self.lrn_kernel == "triton" and (self.compile or self.channels_last):
+            raise ConfigError(  # either would quietly put the torch path back (lrn.ResponseNorm)
+                "lrn_kernel=triton takes NCHW maps outside torch.compile, which fuses the LRN itself: "
+                f"set compile=false and channels_last=false (got compile={self.compile}, "
+                f"channels_last={self.channels_last}), or lrn_kernel=torch"
+            )
 
 
 class TrainingError(RuntimeError):
@@ -158,6 +178,11 @@ class Trainer:
         )
         if len(self.devices) == 1:
             self.model.to(self.devices[0])
+        if train.lrn_kernel == "triton":
+            why_not = unavailable_reason(self.devices)
+            if why_not:
+                raise ConfigError(f"train.lrn_kernel=triton: {why_not}; set train.lrn_kernel=torch")
+            use_lrn_kernel(self.model, "triton")
         set_precision(train.precision)
         torch.backends.cudnn.benchmark = not train.deterministic  # fastest algorithms for these shapes
         self.optimizer: PaperSGD = paper_optimizer(self.model, config.optim)
@@ -170,7 +195,7 @@ class Trainer:
         if self.world > 1:
             single = self.devices[0] if len(self.devices) == 1 and self.devices[0].type == "cuda" else None
             self.network = DistributedDataParallel(self.model, device_ids=[single] if single else None)
-        self.network = speed_up(self.network, channels_last=False, compile=train.compile)
+        self.network = speed_up(self.network, False, train.compile, train.compile_mode)
         self.memory_format = memory_format(train.channels_last)
         self.augment = Augment(config.data.augment, self.prepared.stats, seed=train.seed)
         self.sampler = EpochBatches(
@@ -277,6 +302,7 @@ class Trainer:
         start, seen = time.perf_counter(), 0
         for batch in self.loader:
             views, labels = self._views(batch)
+            begin_step(train.compile_mode)
             with autocast(self.devices[0], train.precision):
                 logits = self.network(views)
             labels = labels.to(logits.device)

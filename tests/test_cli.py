@@ -82,3 +82,12 @@ def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
         assert f"ten_crop ratio {contender}/torchvision:" in result.stdout
     saved = run("bench", "--report", str(tmp_path / "bench.json"))
     assert saved.returncode == 0 and "smoke: timings meaningless" in saved.stdout
+
+
+def test_bench_refuses_the_triton_lrn_where_it_cannot_run():
+    wrong = run("bench", "--device", "cpu", "--lrn-kernel", "triton")
+    assert (
+        wrong.returncode == 2 and "--lrn-kernel triton: the fused kernels run on CUDA devices" in wrong.stderr
+    )
+    wrong = run("bench", "--compile", "max-autotune")
+    assert wrong.returncode == 2 and "invalid choice: 'max-autotune'" in wrong.stderr

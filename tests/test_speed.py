@@ -13,7 +13,14 @@ from torchvision.models import alexnet
 
 from replicate.lrn import ResponseNorm
 from replicate.model import AlexNet
-from replicate.speed import KEEP_FREED_MEMORY, autocast, memory_format, set_precision, speed_up
+from replicate.speed import (
+    KEEP_FREED_MEMORY,
+    autocast,
+    begin_step,
+    memory_format,
+    set_precision,
+    speed_up,
+)
 from tests.conftest import write_image_tree
 from tests.test_train import train
 
@@ -95,10 +102,12 @@ def test_bf16_autocast_loses_no_more_than_torchvision_does():
     assert relative(out.float(), exact) < 1e-2
 
 
-def test_torch_compile_computes_the_same_function():
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # on a CPU: no CUDA graphs to replay
+def test_torch_compile_computes_the_same_function(mode):
     # Dropout off: compiled graphs draw their masks from another generator.
     reference, fast, images, labels = pair(dropout="off")
-    network = speed_up(fast, channels_last=False, compile=True)
+    network = speed_up(fast, channels_last=False, compile=True, compile_mode=mode)
+    begin_step(mode)
     logits, grads = step(fast, network, images, labels)
     ref_logits, ref_grads = step(reference, reference, images, labels)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
@@ -164,6 +173,8 @@ def test_a_run_with_every_speed_option_trains_and_evaluates(tmp_path):
         ["train.precision=fp32", "data.augment_on=device"],
         ["data.store_format=jpeg", "data.augment_on=device", "data.decode_on=device"],  # nvjpeg
         ["train.precision=bf16", "train.channels_last=true", "train.compile=true"],
+        ["train.precision=tf32", "train.compile=true", "train.compile_mode=reduce-overhead"],  # CUDA graphs
+        ["train.lrn_kernel=triton", "train.fused_columns=true"],
     ],
 )
 def test_a_gpu_training_run_with_speed_options(tmp_path, options):
