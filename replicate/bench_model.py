@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     compile_mode = args.compile or "default"
     options = Options(args.precision, args.channels_last, bool(args.compile), args.lrn_kernel, compile_mode)
-    if options.lrn_kernel == "triton" and not args.report:
+    if options.lrn_kernel == "triton":
         why_not = unavailable_reason([torch.device(args.device)])
         if why_not or options.compile or options.channels_last:
             parser.error(

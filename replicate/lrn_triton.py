@@ -49,7 +49,10 @@ def _launch(kernel, maps: torch.Tensor, tensors: tuple, scalars: tuple, **consta
     channels, positions = maps.shape[-3], maps.shape[-2] * maps.shape[-1]
     grid = (maps.numel() // (channels * positions), -(-positions // BLOCK))
     with torch.cuda.device(maps.device) if maps.is_cuda else contextlib.nullcontext():
-        kernel[grid](*tensors, channels, positions, *scalars, **constants, BLOCK=BLOCK)
+        # No fused multiply-adds: each product rounded, as in the torch path's separate kernels.
+        kernel[grid](
+            *tensors, channels, positions, *scalars, **constants, BLOCK=BLOCK, enable_fp_fusion=False
+        )
 
 
 def _check(maps: torch.Tensor, size: int) -> None:

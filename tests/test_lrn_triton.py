@@ -89,6 +89,32 @@ def test_fused_kernels_equal_the_torch_path_in_the_interpreter():
     assert done.returncode == 0, done.stderr[-4000:]
 
 
+def test_fused_kernels_compile_for_an_h100():
+    """Ahead of time, without a GPU: Triton's compiler down to sm_90 machine code (ptxas), which
+    catches what its interpreter lets through (types, unsupported constructs)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from replicate import lrn_triton_kernels as kernels
+
+    pointers = {"maps_ptr", "out_ptr", "den_ptr", "grad_ptr"}
+    scalars = {"C": "i32", "P": "i32", "alpha": "fp32", "beta": "fp32", "k": "fp32"}
+    for kernel in (kernels.forward, kernels.backward):
+        for three_quarters in (True, False):
+            constants = {"SIZE": 5, "THREE_QUARTERS": three_quarters, "KEEP": True, "BLOCK": 256}
+            constants = {name: v for name, v in constants.items() if name in kernel.arg_names}
+            signature = {
+                name: "*fp32" if name in pointers else scalars.get(name, "constexpr")
+                for name in kernel.arg_names
+            }
+            source = ASTSource(kernel, signature, constexprs=constants)
+            compiled = triton.compile(
+                source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}
+            )
+            assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]
+
+
 def test_lrn_kernel_settings_that_cannot_work_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="lrn_kernel=triton takes NCHW maps outside torch.compile"):
         TrainConfig(lrn_kernel="triton", compile=True)
