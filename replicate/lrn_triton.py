@@ -8,8 +8,8 @@ walks the channels of one image's block of positions, so the window's neighbours
 its own recent loads.
 
 Same rule and closed-form backward as `lrn._ResponseNormFunction`, summed in the same order; tests
-hold the two equal (tests/test_lrn.py, in Triton's interpreter on the CPU and on a GPU where one is
-present). Inputs: fp32, contiguous, the maps in dim -3 (N x C x H x W, or N x G x C x H x W with one
+hold the two equal (tests/test_lrn_triton.py: in Triton's interpreter on the CPU, compiled on a GPU
+where one is present, and compiled ahead of time for an H100 everywhere). Inputs: fp32, contiguous, the maps in dim -3 (N x C x H x W, or N x G x C x H x W with one
 column per G). Triton is imported only when a kernel is first needed.
 """
 
