@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Rebuilt when missing or older than pyproject.toml (the dependency list).
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint replicate ablations figure1 prepare bench bench-data bench-gpu lrn-cifar report clean-venv
+.PHONY: install test test-gpu lint replicate ablations figure1 prepare bench bench-data bench-gpu lrn-cifar report clean-venv
 
 install: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The modules whose tests need a GPU (skipped without one), with every skip's reason printed.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -rs tests/test_lrn_triton.py tests/test_speed.py tests/test_model.py tests/test_data_store.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check replicate analysis tests
