@@ -9,8 +9,9 @@ its own recent loads.
 
 Same rule and closed-form backward as `lrn._ResponseNormFunction`, summed in the same order; tests
 hold the two equal (tests/test_lrn_triton.py: in Triton's interpreter on the CPU, compiled on a GPU
-where one is present, and compiled ahead of time for an H100 everywhere). Inputs: fp32, contiguous, the maps in dim -3 (N x C x H x W, or N x G x C x H x W with one
-column per G). Triton is imported only when a kernel is first needed.
+where one is present, and compiled ahead of time for an H100 everywhere). Inputs: fp32, contiguous,
+the maps in dim -3 (N x C x H x W, or N x G x C x H x W with one column per G). Triton
+is imported only when a kernel is first needed.
 """
 
 from __future__ import annotations
