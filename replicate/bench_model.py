@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.models import alexnet
 
 from replicate.lrn import LRNKernel, ResponseNorm, reference_response_norm, use_lrn_kernel
-from replicate.lrn_triton import unavailable_reason
+from replicate.lrn_triton import setting_conflict, unavailable_reason
 from replicate.model import AlexNet
 from replicate.optim import OptimConfig, paper_optimizer
 from replicate.pool import MaxPool
@@ -313,10 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(args.precision, args.channels_last, bool(args.compile), args.lrn_kernel, compile_mode)
     if options.lrn_kernel == "triton":
         why_not = unavailable_reason([torch.device(args.device)])
-        if why_not or options.compile or options.channels_last:
-            parser.error(
-                f"--lrn-kernel triton: {why_not or 'NCHW maps and no --compile (as train.lrn_kernel)'}"
-            )
+        why_not = why_not or setting_conflict(options.compile, options.channels_last)
+        if why_not:
+            parser.error(f"--lrn-kernel triton: {why_not}")
     kept = keep_freed_memory()  # as every `python -m replicate` command does; applies to all contenders
     if args.smoke:
         result = run(torch.device("cpu"), batch=2, repeats=1, steps=1, options=Options(channels_last=True))

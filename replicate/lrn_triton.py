@@ -36,6 +36,17 @@ def unavailable_reason(devices: list[torch.device]) -> str | None:
     return None
 
 
+def setting_conflict(compile: bool, channels_last: bool) -> str | None:
+    """Why the kernels would not run under these speed settings (`lrn.ResponseNorm` would quietly
+    take the torch path), or None."""
+    if not (compile or channels_last):
+        return None
+    return (
+        "takes NCHW maps outside torch.compile, which fuses the LRN itself: set compile=false and "
+        f"channels_last=false (got compile={compile}, channels_last={channels_last})"
+    )
+
+
 def _kernels():
     """The kernels' module, imported on first use: importing it imports triton."""
     return importlib.import_module("replicate.lrn_triton_kernels")

@@ -37,7 +37,7 @@ from replicate.data.loader import (
 from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate, topk_correct
 from replicate.lrn import LRNKernel, use_lrn_kernel
-from replicate.lrn_triton import unavailable_reason
+from replicate.lrn_triton import setting_conflict, unavailable_reason
 from replicate.model import AlexNet
 from replicate.optim import PaperSGD, PlateauSchedule, paper_optimizer
 from replicate.speed import (
@@ -83,12 +83,9 @@ class TrainConfig(Section):
             raise ConfigError("epochs, checkpoint_every, log_every and eval_batch_size must be >= 1")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode={self.compile_mode} needs compile=true")
-        if self.lrn_kernel == "triton" and (self.compile or self.channels_last):
-            raise ConfigError(  # either would quietly put the torch path back (lrn.ResponseNorm)
-                "lrn_kernel=triton takes NCHW maps outside torch.compile, which fuses the LRN itself: "
-                f"set compile=false and channels_last=false (got compile={self.compile}, "
-                f"channels_last={self.channels_last}), or lrn_kernel=torch"
-            )
+        conflict = setting_conflict(self.compile, self.channels_last)
+        if self.lrn_kernel == "triton" and conflict:
+            raise ConfigError(f"lrn_kernel=triton {conflict}, or lrn_kernel=torch")
 
 
 class TrainingError(RuntimeError):
