@@ -5,7 +5,8 @@ figure is forward + backward + optimiser step on one batch (training) or a 10-vi
 (evaluation). torchvision's `alexnet` is the single-column "one weird trick" net (no LRN, 64-192-
 384-256-256 kernels): about the same multiply-adds, printed below, so the ratio measures cost of
 fidelity, not of work. It also times this repo's LRN against torch's `F.local_response_norm` and
-its max-pooling against `nn.MaxPool2d` on one column's maps, and reports the allocator setting
+its max-pooling against `nn.MaxPool2d` on one column's maps, times each net's conv and fc layers
+alone against its whole step (`bench_layers`), and reports the allocator setting
 (`speed.keep_freed_memory`).
 """
 
@@ -14,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import alexnet
 
-from replicate.lrn import LRNKernel, ResponseNorm, reference_response_norm, use_lrn_kernel
+from replicate.bench_layers import layer_times, matrix_layer_times, timed
+from replicate.lrn import LRNKernel, use_lrn_kernel
 from replicate.lrn_triton import setting_conflict, unavailable_reason
 from replicate.model import AlexNet
 from replicate.optim import OptimConfig, paper_optimizer
-from replicate.pool import MaxPool
 from replicate.speed import (
     CompileMode,
     Precision,
@@ -70,16 +69,6 @@ def multiply_adds(model: nn.Module, side: int = 224) -> int:
     return total
 
 
-def timed(function, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 @dataclass(frozen=True)
 class Options:
     """Applied to every contender alike (replicate/speed.py)."""
@@ -117,47 +106,6 @@ def contenders(device: torch.device, options: Options) -> dict[str, tuple[nn.Mod
         )
         for name, model in models.items()
     }
-
-
-def layer_times(device: torch.device, batch: int, repeats: int, options: Options) -> dict:
-    """Forward + backward milliseconds of one column's LRN layers (§3.3) and max-pooling layers
-    (§3.4), ours against torch's own, alternating: `ResponseNorm` (its own autograd function) vs
-    `F.local_response_norm` computing the same rule, and `MaxPool` (channels-last inside on the
-    CPU) vs `nn.MaxPool2d`; on a GPU with Triton also the fused LRN kernels (`lrn_triton`)."""
-    norm = ResponseNorm()
-    pairs = {
-        "lrn": {
-            "ours": norm,
-            "torch F.local_response_norm": partial(
-                reference_response_norm, size=norm.size, alpha=norm.alpha, beta=norm.beta, k=norm.k
-            ),
-        },
-        "pool": {"ours": MaxPool(3, 2), "torch nn.MaxPool2d": nn.MaxPool2d(3, 2)},
-    }
-    if not options.channels_last and unavailable_reason([device]) is None:
-        pairs["lrn"]["ours (triton)"] = ResponseNorm(kernel="triton")
-    shapes = {  # one column's maps where each layer reads them (a 224 x 224 input)
-        "lrn": {"lrn1": (48, 55), "lrn2": (128, 27)},
-        "pool": {"pool1": (48, 55), "pool2": (128, 27), "pool5": (128, 13)},
-    }
-
-    def forward_backward(layer, inputs: torch.Tensor, upstream: torch.Tensor) -> None:
-        torch.autograd.grad(layer(inputs), inputs, upstream)
-
-    times: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for kind, layers in pairs.items():
-        times[kind] = {}
-        for name, (maps, side) in shapes[kind].items():
-            inputs = torch.rand(batch, maps, side, side, device=device) * 100
-            inputs = inputs.contiguous(memory_format=memory_format(options.channels_last)).requires_grad_()
-            upstream = torch.randn_like(layers["ours"](inputs.detach()))
-            measured = times[kind][f"{name} ({maps} x {side} x {side})"] = {who: [] for who in layers}
-            for repeat in range(repeats + 1):  # the first round warms up
-                for who, layer in layers.items():
-                    elapsed = timed(partial(forward_backward, layer, inputs, upstream), device)
-                    if repeat:
-                        measured[who].append(elapsed * 1000)
-    return times
 
 
 def run(
@@ -220,7 +168,11 @@ def run(
             print(f"--- profile: {name}, {steps} training step(s) ---")
             print(profiler.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
     return {
-        **layer_times(device, batch, repeats, options),
+        **layer_times(device, batch, repeats, options.channels_last),
+        # the fused path's convolutions are no modules of their own (F.conv2d on the columns' weights)
+        "matrix_layers": matrix_layer_times(
+            {name: models[name][0] for name in (TORCHVISION, PER_COLUMN)}, images, repeats, options.precision
+        ),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch,
         "options": str(options),
@@ -269,7 +221,34 @@ def report(result: dict, saved: bool = False) -> str:
                     f"torch/{mine} min {min(speedups):.2f} / median {statistics.median(speedups):.2f} / max "
                     f"{max(speedups):.2f}"
                 )
+    lines += _matrix_layer_lines(result)
     return "\n".join(lines)
+
+
+def _matrix_layer_lines(result: dict) -> list[str]:
+    """Each contender's conv + fc layers against its whole training step (records before stop 14 have
+    no such timings)."""
+    matrix = result.get("matrix_layers", {})
+    if not matrix:
+        return []
+    step_ms = {
+        name: 1000 * result["batch"] / statistics.median(v) for name, v in result["rates"]["train"].items()
+    }
+    lines = [
+        "conv + fc layers, fwd+bwd, each layer alone (eager), on its input in the contender's forward pass:"
+    ]
+    for name, record in matrix.items():
+        times = record["ms"]
+        median = statistics.median(times)
+        lines.append(
+            f"   {name:<22} min {min(times):.1f} / median {median:.1f} / max {max(times):.1f} ms "
+            f"({record['multiply_adds'] / median / 1e6:.1f} G multiply-adds/s) of a "
+            f"{step_ms[name]:.1f} ms training step: {step_ms[name] - median:.1f} ms for all else"
+        )
+    lines.append(
+        f"   1.2x torchvision's median training rate is a step of {step_ms[TORCHVISION] / 1.2:.1f} ms"
+    )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,16 @@ def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
     for contender in ("replicate (fused)", "replicate (per-column)"):
         assert f"train ratio {contender}/torchvision:" in result.stdout
         assert f"ten_crop ratio {contender}/torchvision:" in result.stdout
+    # Every contender's conv + fc layers timed alone, with the work they do at batch 2: 3 x the
+    # forward's multiply-adds (forward, input gradient, weight gradient), but conv1 needs no input
+    # gradient; conv1 is 55 x 55 outputs x 363 multiply-adds per kernel, 96 kernels (ours) or 64.
+    record = json.loads((tmp_path / "bench.json").read_text())["matrix_layers"]
+    forward, conv1 = {"replicate": 724_406_816, "torchvision": 714_188_480}, 55 * 55 * 363
+    assert record["replicate (per-column)"]["multiply_adds"] == 2 * (3 * forward["replicate"] - 96 * conv1)
+    assert record["torchvision alexnet"]["multiply_adds"] == 2 * (3 * forward["torchvision"] - 64 * conv1)
+    for contender in record:
+        assert f"   {contender:<22} min " in result.stdout
+    assert "1.2x torchvision's median training rate is a step of" in result.stdout
     saved = run("bench", "--report", str(tmp_path / "bench.json"))
     assert saved.returncode == 0 and "smoke: timings meaningless" in saved.stdout
 

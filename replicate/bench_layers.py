@@ -1,0 +1,130 @@
+"""Per-layer timings for `make bench`: where a training step's time goes, layer by layer.
+
+`layer_times`: this repo's LRN and max-pooling against torch's own, on one column's maps.
+`matrix_layer_times`: every convolution and fully-connected layer of torchvision's net and of ours
+(per-column path), each at the input it gets in its network's forward pass. Those layers hold all
+the multiply-adds, which the two networks share to within 1.4%; their sum set against a whole step
+says how much of the step is that shared arithmetic and how much is the rest (LRN, pooling,
+activations, dropout, the optimiser).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+from torch import nn
+
+from replicate.lrn import ResponseNorm, reference_response_norm
+from replicate.lrn_triton import unavailable_reason
+from replicate.pool import MaxPool
+from replicate.speed import Precision, autocast, memory_format
+
+
+def timed(function, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _forward_backward(layer, inputs: torch.Tensor, upstream: torch.Tensor, params: tuple = ()) -> None:
+    wrt = ((inputs,) if inputs.requires_grad else ()) + params
+    torch.autograd.grad(layer(inputs), wrt, upstream)
+
+
+def layer_times(device: torch.device, batch: int, repeats: int, channels_last: bool) -> dict:
+    """Forward + backward milliseconds of one column's LRN layers (§3.3) and max-pooling layers
+    (§3.4), ours against torch's own, alternating: `ResponseNorm` (its own autograd function) vs
+    `F.local_response_norm` computing the same rule, and `MaxPool` (channels-last inside on the
+    CPU) vs `nn.MaxPool2d`; on a GPU with Triton also the fused LRN kernels (`lrn_triton`)."""
+    norm = ResponseNorm()
+    pairs = {
+        "lrn": {
+            "ours": norm,
+            "torch F.local_response_norm": partial(
+                reference_response_norm, size=norm.size, alpha=norm.alpha, beta=norm.beta, k=norm.k
+            ),
+        },
+        "pool": {"ours": MaxPool(3, 2), "torch nn.MaxPool2d": nn.MaxPool2d(3, 2)},
+    }
+    if not channels_last and unavailable_reason([device]) is None:
+        pairs["lrn"]["ours (triton)"] = ResponseNorm(kernel="triton")
+    shapes = {  # one column's maps where each layer reads them (a 224 x 224 input)
+        "lrn": {"lrn1": (48, 55), "lrn2": (128, 27)},
+        "pool": {"pool1": (48, 55), "pool2": (128, 27), "pool5": (128, 13)},
+    }
+    times: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for kind, layers in pairs.items():
+        times[kind] = {}
+        for name, (maps, side) in shapes[kind].items():
+            inputs = torch.rand(batch, maps, side, side, device=device) * 100
+            inputs = inputs.contiguous(memory_format=memory_format(channels_last)).requires_grad_()
+            upstream = torch.randn_like(layers["ours"](inputs.detach()))
+            measured = times[kind][f"{name} ({maps} x {side} x {side})"] = {who: [] for who in layers}
+            for repeat in range(repeats + 1):  # the first round warms up
+                for who, layer in layers.items():
+                    elapsed = timed(partial(_forward_backward, layer, inputs, upstream), device)
+                    if repeat:
+                        measured[who].append(elapsed * 1000)
+    return times
+
+
+def _multiply_adds(layer: nn.Module, output: torch.Tensor) -> int:
+    """Of one forward pass of `layer` that produced `output` (the whole batch)."""
+    if isinstance(layer, nn.Conv2d):
+        return (
+            output.numel() * layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+        )
+    return output.numel() * layer.in_features
+
+
+def _matrix_layers_at_work(model: nn.Module, images: torch.Tensor, precision: Precision) -> list[tuple]:
+    """(layer, its input, an upstream gradient, multiply-adds of its forward + backward) for every
+    Conv2d and Linear of `model`, captured from one training-mode forward pass of `images`."""
+    captured: list[tuple] = []
+
+    def capture(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        work = _multiply_adds(layer, output)
+        # backward: the weight gradient always, the input gradient where the input needs one (not conv1)
+        work *= 3 if inputs[0].requires_grad else 2
+        upstream = torch.randn_like(output)
+        captured.append((layer, inputs[0].detach().requires_grad_(inputs[0].requires_grad), upstream, work))
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [layer.register_forward_hook(capture) for layer in layers]
+    try:  # with autograd on, so that each input says whether its layer's backward needs its gradient
+        with autocast(images.device, precision):
+            model.train()(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def matrix_layer_times(
+    models: dict[str, nn.Module], images: torch.Tensor, repeats: int, precision: Precision
+) -> dict[str, dict]:
+    """Each contender's convolution and fully-connected layers, forward + backward (weight gradients,
+    and input gradients where its forward needs them), one layer at a time, eager, in the memory
+    format and precision of its forward pass: summed milliseconds per repeat, contenders alternating,
+    and the multiply-adds that work is."""
+    at_work = {name: _matrix_layers_at_work(model, images, precision) for name, model in models.items()}
+    times: dict[str, dict] = {
+        name: {"ms": [], "multiply_adds": sum(work for *_, work in layers)}
+        for name, layers in at_work.items()
+    }
+    for repeat in range(repeats + 1):  # the first round warms up
+        for name, layers in at_work.items():
+            total = 0.0
+            for layer, inputs, upstream, _ in layers:
+                params = tuple(p for p in layer.parameters() if p.requires_grad)
+                with autocast(images.device, precision):
+                    total += timed(partial(_forward_backward, layer, inputs, upstream, params), images.device)
+            if repeat:
+                times[name]["ms"].append(total * 1000)
+    return times
