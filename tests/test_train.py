@@ -79,30 +79,70 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
     raise AssertionError(f"the run did not reach step {step}: {process.communicate()[1][-2000:]}")
 
 
-def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
-    code, _, err = train(tmp_path / "whole", "train.epochs=2")
+def kill_mid_epoch(process: subprocess.Popen, checkpoint: Path, epoch: int) -> None:
+    """SIGKILL the run once its last checkpoint is mid-way through `epoch`.
+
+    The run is frozen (SIGSTOP) while its checkpoint is read, so the position read is the one it dies
+    with, however fast it steps: a kill timed from the outside could land after the epoch's end.
+    """
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        process.send_signal(signal.SIGSTOP)
+        position = torch.load(checkpoint, weights_only=True)["position"] if checkpoint.is_file() else None
+        if position is not None and position["epoch"] == epoch and position["batch"] > 0:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return
+        assert position is None or position["epoch"] <= epoch, f"the run went past epoch {epoch}: {position}"
+        process.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended before a checkpoint mid-way through epoch {epoch}")
+
+
+# Why a comparison of two processes' numbers gets one more try: on this CPU, identical runs of the
+# tiny config below (same seed, data and command, one after another) computed their very first
+# training loss 2 ulp apart in 2 of 84 processes; rerunning with the odd run's PYTHONHASHSEED did
+# not repeat it. The tiny runs amplify that to visibly different weights within 6 steps. A mismatch
+# is therefore retried once from scratch: noise of that rate passes the second try, while a real
+# resume or pipeline bug is deterministic and fails both.
+TRIES = 2
+
+
+def killed_and_resumed(root: Path) -> str | None:
+    """Run 2 epochs whole, and again killed mid-epoch 2 and resumed; assert the resumed run's record
+    is whole, and return the first number in which the two runs differ (None: none)."""
+    code, _, err = train(root / "whole", "train.epochs=2")
     assert code == 0, err
-    whole = tmp_path / "whole" / "baseline" / "seed0"
-    process = train(tmp_path / "killed", "train.epochs=2", wait=False)
-    killed = tmp_path / "killed" / "baseline" / "seed0"
-    wait_for_step(killed, 5, process)  # logged step 5: checkpoint 4 or 5, mid-way through epoch 2 (3 batches)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    state = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
-    assert state["position"]["epoch"] == 1 and 0 < state["position"]["batch"] < 3, state["position"]
+    whole = root / "whole" / "baseline" / "seed0"
+    process = train(root / "killed", "train.epochs=2", wait=False)
+    killed = root / "killed" / "baseline" / "seed0"
+    wait_for_step(killed, 3, process)
+    kill_mid_epoch(process, killed / "checkpoints" / "last.pt", epoch=1)  # epoch 2 of 2, 3 batches each
     resumed = resume(killed)
     assert resumed.returncode == 0, resumed.stderr
-    for name, tensor in weights(whole).items():
-        assert torch.equal(tensor, weights(killed)[name]), name
-    # The record is whole too: every step once, both epochs, the same metrics.
-    steps = pd.read_csv(killed / "steps.csv")
-    assert steps["step"].tolist() == list(range(1, 7))
-    pd.testing.assert_frame_equal(pd.read_csv(killed / "epochs.csv"), pd.read_csv(whole / "epochs.csv"))
+    # The record is whole: every step once, both epochs, the final evaluation.
+    assert pd.read_csv(killed / "steps.csv")["step"].tolist() == list(range(1, 7))
     assert json.loads((killed / "status.json").read_text())["state"] == "finished"
     evaluation = json.loads((killed / "evaluation.json").read_text())
     assert (
         set(evaluation["views"]) == {"centre", "ten_crop"} and evaluation["views"]["ten_crop"]["images"] == 20
     )
+    mine = weights(killed)
+    for name, tensor in weights(whole).items():
+        if not torch.equal(tensor, mine[name]):
+            return f"weights {name}"
+    epochs = [pd.read_csv(run / "epochs.csv") for run in (killed, whole)]
+    return None if epochs[0].equals(epochs[1]) else f"epochs.csv:\n{epochs[0]}\n{epochs[1]}"
+
+
+def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
+    mismatches = []
+    for attempt in range(TRIES):  # see TRIES
+        mismatch = killed_and_resumed(tmp_path / f"try{attempt}")
+        if mismatch is None:
+            return
+        mismatches.append(mismatch)
+    raise AssertionError(f"the resumed run differs from the whole one in every try: {mismatches}")
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -194,14 +234,18 @@ def test_make_replicate_style_run_ends_with_a_labelled_table(tmp_path):
 
 def same_run_with(tmp_path: Path, common: list[str], *device_options: str) -> bool:
     """Whether a 3-step run with `device_options` (and one loader worker) ends with exactly the
-    weights of the same run without them."""
+    weights of the same run without them (in one of `TRIES` tries)."""
     overrides = ["train.max_steps=3", "train.final_views=[centre]", *common]
-    code, _, err = train(tmp_path / "workers", *overrides)
-    assert code == 0, err
-    code, _, err = train(tmp_path / "device", *overrides, *device_options, "data.workers=1")
-    assert code == 0, err
-    mine, theirs = (weights(tmp_path / name / "baseline" / "seed0") for name in ("device", "workers"))
-    return all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    for attempt in range(TRIES):
+        root = tmp_path / f"try{attempt}"
+        code, _, err = train(root / "workers", *overrides)
+        assert code == 0, err
+        code, _, err = train(root / "device", *overrides, *device_options, "data.workers=1")
+        assert code == 0, err
+        mine, theirs = (weights(root / name / "baseline" / "seed0") for name in ("device", "workers"))
+        if all(torch.equal(mine[k], theirs[k]) for k in theirs):
+            return True
+    return False
 
 
 def test_views_cut_on_the_device_train_the_same_weights_as_views_cut_in_workers(tmp_path):
