@@ -74,7 +74,7 @@ def layer_times(device: torch.device, batch: int, repeats: int, channels_last: b
     return times
 
 
-def _multiply_adds(layer: nn.Module, output: torch.Tensor) -> int:
+def layer_multiply_adds(layer: nn.Conv2d | nn.Linear, output: torch.Tensor) -> int:
     """Of one forward pass of `layer` that produced `output` (the whole batch)."""
     if isinstance(layer, nn.Conv2d):
         return (
@@ -89,7 +89,7 @@ def _matrix_layers_at_work(model: nn.Module, images: torch.Tensor, precision: Pr
     captured: list[tuple] = []
 
     def capture(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        work = _multiply_adds(layer, output)
+        work = layer_multiply_adds(layer, output)
         # backward: the weight gradient always, the input gradient where the input needs one (not conv1)
         work *= 3 if inputs[0].requires_grad else 2
         upstream = torch.randn_like(output)

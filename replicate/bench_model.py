@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import alexnet
 
-from replicate.bench_layers import layer_times, matrix_layer_times, timed
+from replicate.bench_layers import layer_multiply_adds, layer_times, matrix_layer_times, timed
 from replicate.lrn import LRNKernel, use_lrn_kernel
 from replicate.lrn_triton import setting_conflict, unavailable_reason
 from replicate.model import AlexNet
@@ -53,11 +53,7 @@ def multiply_adds(model: nn.Module, side: int = 224) -> int:
 
     def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
         nonlocal total
-        if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            total += output.numel() * per_output
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
+        total += layer_multiply_adds(module, output)  # the batch is one image
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
