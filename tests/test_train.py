@@ -108,6 +108,23 @@ def kill_mid_epoch(process: subprocess.Popen, checkpoint: Path, epoch: int) -> N
 TRIES = 2
 
 
+def retried(attempt, root: Path) -> str | None:
+    """None once `attempt(folder)` finds no mismatch in one of `TRIES` tries, each in a fresh folder
+    under `root`; else every try's mismatch."""
+    mismatches = []
+    for number in range(TRIES):
+        mismatch = attempt(root / f"try{number}")
+        if mismatch is None:
+            return None
+        mismatches.append(mismatch)
+    return f"a mismatch in every try: {mismatches}"
+
+
+def weights_difference(mine: dict, theirs: dict) -> str | None:
+    """The first tensor in which two checkpoints' weights differ (None: they are equal)."""
+    return next((f"weights {name}" for name in theirs if not torch.equal(mine[name], theirs[name])), None)
+
+
 def killed_and_resumed(root: Path) -> str | None:
     """Run 2 epochs whole, and again killed mid-epoch 2 and resumed; assert the resumed run's record
     is whole, and return the first number in which the two runs differ (None: none)."""
@@ -127,22 +144,16 @@ def killed_and_resumed(root: Path) -> str | None:
     assert (
         set(evaluation["views"]) == {"centre", "ten_crop"} and evaluation["views"]["ten_crop"]["images"] == 20
     )
-    mine = weights(killed)
-    for name, tensor in weights(whole).items():
-        if not torch.equal(tensor, mine[name]):
-            return f"weights {name}"
+    difference = weights_difference(weights(killed), weights(whole))
     epochs = [pd.read_csv(run / "epochs.csv") for run in (killed, whole)]
-    return None if epochs[0].equals(epochs[1]) else f"epochs.csv:\n{epochs[0]}\n{epochs[1]}"
+    if difference is None and not epochs[0].equals(epochs[1]):
+        difference = f"epochs.csv:\n{epochs[0]}\n{epochs[1]}"
+    return difference
 
 
 def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
-    mismatches = []
-    for attempt in range(TRIES):  # see TRIES
-        mismatch = killed_and_resumed(tmp_path / f"try{attempt}")
-        if mismatch is None:
-            return
-        mismatches.append(mismatch)
-    raise AssertionError(f"the resumed run differs from the whole one in every try: {mismatches}")
+    mismatch = retried(killed_and_resumed, tmp_path)  # see TRIES
+    assert mismatch is None, f"the resumed run differs from the whole one: {mismatch}"
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -236,16 +247,17 @@ def same_run_with(tmp_path: Path, common: list[str], *device_options: str) -> bo
     """Whether a 3-step run with `device_options` (and one loader worker) ends with exactly the
     weights of the same run without them (in one of `TRIES` tries)."""
     overrides = ["train.max_steps=3", "train.final_views=[centre]", *common]
-    for attempt in range(TRIES):
-        root = tmp_path / f"try{attempt}"
+
+    def attempt(root: Path) -> str | None:
         code, _, err = train(root / "workers", *overrides)
         assert code == 0, err
         code, _, err = train(root / "device", *overrides, *device_options, "data.workers=1")
         assert code == 0, err
-        mine, theirs = (weights(root / name / "baseline" / "seed0") for name in ("device", "workers"))
-        if all(torch.equal(mine[k], theirs[k]) for k in theirs):
-            return True
-    return False
+        return weights_difference(
+            *(weights(root / name / "baseline" / "seed0") for name in ("device", "workers"))
+        )
+
+    return retried(attempt, tmp_path) is None
 
 
 def test_views_cut_on_the_device_train_the_same_weights_as_views_cut_in_workers(tmp_path):
