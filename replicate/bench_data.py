@@ -16,7 +16,6 @@ a GPU), the workers sending only its compressed bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tarfile
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
+from replicate import bench_records
 from replicate.data.device_decode import images_on
 from replicate.data.imagenet import image_folder
 from replicate.data.loader import DataConfig, EpochBatches, StoreDataset, make_loader
@@ -272,11 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the raw rates here")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI: no meaningful timing")
     args = parser.parse_args(argv)
+    if args.json:
+        try:
+            bench_records.check_writable(args.json)
+        except bench_records.RecordError as error:
+            parser.error(str(error))
     if args.smoke:
         result = run(workers=0, repeats=1, epochs=1, limit=8, batch_size=4, steady=2)
     else:
         result = run(args.workers, args.repeats, args.epochs, 200, args.batch_size, args.steady)
     print(report(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        bench_records.write(args.json, result)
     return 0

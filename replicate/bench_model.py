@@ -13,7 +13,6 @@ alone against its whole step (`bench_layers`), and reports the allocator setting
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import alexnet
 
+from replicate import bench_records
 from replicate.bench_layers import layer_multiply_adds, layer_times, matrix_layer_times, timed
+from replicate.bench_records import FUSED, PER_COLUMN, TORCHVISION
 from replicate.lrn import LRNKernel, use_lrn_kernel
 from replicate.lrn_triton import setting_conflict, unavailable_reason
 from replicate.model import AlexNet
@@ -80,9 +81,6 @@ class Options:
         if self.compile_mode != "default":
             text += f" ({self.compile_mode})"
         return text + ("; lrn_kernel triton" if self.lrn_kernel == "triton" else "")
-
-
-TORCHVISION, FUSED, PER_COLUMN = "torchvision alexnet", "replicate (fused)", "replicate (per-column)"
 
 
 def contenders(device: torch.device, options: Options) -> dict[str, tuple[nn.Module, nn.Module]]:
@@ -281,9 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI: no meaningful timing")
     args = parser.parse_args(argv)
-    if args.report:
-        print("\n\n".join(report(json.loads(path.read_text()), saved=True) for path in args.report))
-        return 0
+    try:
+        if args.report:
+            records = [
+                bench_records.read(path, parser.prog, bench_records.BENCH_KEYS) for path in args.report
+            ]
+            print("\n\n".join(report(record, saved=True) for record in records))
+            return 0
+        if args.json:
+            bench_records.check_writable(args.json)
+    except bench_records.RecordError as error:
+        parser.error(str(error))
     compile_mode = args.compile or "default"
     options = Options(args.precision, args.channels_last, bool(args.compile), args.lrn_kernel, compile_mode)
     if options.lrn_kernel == "triton":
@@ -300,5 +306,5 @@ def main(argv: list[str] | None = None) -> int:
     result["allocator"] = allocator_note(kept)
     print(report(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        bench_records.write(args.json, result)
     return 0

@@ -16,16 +16,18 @@ GPU, as measured); the interconnect bandwidth is an assumption, printed with the
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+
+from replicate import bench_records
 
 ILSVRC2012_TRAIN = 1_281_167
 ILSVRC2012_VAL = 50_000
 EPOCHS = 90  # §5: "roughly 90 cycles"
 PAPER_DAYS = (5, 6)  # §5: "five to six days on two NVIDIA GTX 580 3GB GPUs"
 GRADIENT_BYTES = 60_965_224 * 4  # every parameter's fp32 gradient, all-reduced each step
+PIPELINES = ("steady_raw", "steady_raw_device", "steady_jpeg", "steady_jpeg_device", "gpu_jpeg")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,17 @@ def project(
     return Projection(gpus, rate, bound, EPOCHS * epoch / 3600)
 
 
+def gpu_counts(text: str) -> list[int]:
+    """`--gpus 1,2,4,8` as numbers, each at least 1."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers separated by commas") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every GPU count must be at least 1")
+    return counts
+
+
 def median_rates(bench: dict, data: dict, contender: str, pipeline: str) -> tuple[float, float, float]:
     rates = bench["rates"]
     return (
@@ -71,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("bench", type=Path, nargs="+", help="JSON files written by `bench --json`")
     parser.add_argument("--data", type=Path, required=True, help="JSON file written by `bench-data --json`")
-    parser.add_argument("--contender", default="replicate (fused)")
+    parser.add_argument(
+        "--contender",
+        default=bench_records.PER_COLUMN,
+        help="whose rates, of the bench records' contenders (default: the training default's path)",
+    )
     parser.add_argument(
         "--pipeline",
         default="steady_raw",
@@ -80,27 +97,36 @@ def main(argv: list[str] | None = None) -> int:
         "steady_jpeg (JPEG store, CPU decode), steady_jpeg_device (JPEG store decoded and views cut on "
         "the GPU: data.decode_on=device), gpu_jpeg (older records: nvjpeg decode and crop alone)",
     )
-    parser.add_argument("--gpus", default="1,2,4,8")
+    parser.add_argument("--gpus", type=gpu_counts, default="1,2,4,8", help="comma-separated GPU counts")
     parser.add_argument("--bandwidth", type=float, default=300.0, help="all-reduce GB/s (assumed)")
     args = parser.parse_args(argv)
-    data = json.loads(args.data.read_text())
+    try:  # every record read and checked before anything is printed
+        data = bench_records.read(args.data, "python -m replicate bench-data", bench_records.DATA_KEYS)
+        benches = [
+            bench_records.read(path, "python -m replicate bench", bench_records.BENCH_KEYS[:4])
+            for path in args.bench
+        ]
+    except bench_records.RecordError as error:
+        parser.error(str(error))
     if args.pipeline not in data:
-        pipelines = ("steady_raw", "steady_raw_device", "steady_jpeg", "steady_jpeg_device", "gpu_jpeg")
-        measured = [k for k in pipelines if k in data]
+        measured = [k for k in PIPELINES if k in data]
         parser.error(f"--pipeline {args.pipeline}: not measured in {args.data} (it has {measured})")
+    for path, bench in zip(args.bench, benches, strict=True):
+        contenders = bench["rates"].get("train", {})
+        if args.contender not in contenders:
+            parser.error(f"--contender {args.contender!r}: not in {path} (it has {list(contenders)})")
     print(
         f"input pipeline: {args.pipeline}, {data['workers']} workers, median "
         f"{statistics.median(data[args.pipeline]):.0f} images/s; all-reduce at {args.bandwidth:g} GB/s "
         f"(assumed); paper: {PAPER_DAYS[0]}-{PAPER_DAYS[1]} days on two GTX 580"
     )
-    for path in args.bench:
-        bench = json.loads(path.read_text())
+    for bench in benches:
         network, ten_crop, pipeline = median_rates(bench, data, args.contender, args.pipeline)
         print(
             f"{bench['device']}; {bench['options']}; {args.contender}: train {network:.0f} img/s, "
             f"10-crop {ten_crop:.0f} img/s"
         )
-        for gpus in (int(g) for g in args.gpus.split(",")):
+        for gpus in args.gpus:
             result = project(network, ten_crop, pipeline, gpus, bench["batch"], args.bandwidth)
             print(
                 f"  {gpus} GPU(s): {result.hours:5.1f} h for {EPOCHS} epochs "

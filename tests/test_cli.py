@@ -68,8 +68,10 @@ def test_bench_data_smoke_mode_runs():
 
 
 def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
-    result = run("bench", "--smoke", "--json", str(tmp_path / "bench.json"))
+    saved_at = tmp_path / "records" / "bench.json"  # a folder the run makes
+    result = run("bench", "--smoke", "--json", str(saved_at))
     assert result.returncode == 0, result.stderr
+    assert [path.name for path in saved_at.parent.iterdir()] == ["bench.json"]  # no .partial left
     assert "replicate AlexNet: 0.724 G multiply-adds" in result.stdout
     assert "torchvision alexnet: 0.714 G multiply-adds" in result.stdout
     if sys.platform == "linux":  # glibc's mallopt: every contender runs with freed memory kept
@@ -84,15 +86,42 @@ def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
     # Every contender's conv + fc layers timed alone, with the work they do at batch 2: 3 x the
     # forward's multiply-adds (forward, input gradient, weight gradient), but conv1 needs no input
     # gradient; conv1 is 55 x 55 outputs x 363 multiply-adds per kernel, 96 kernels (ours) or 64.
-    record = json.loads((tmp_path / "bench.json").read_text())["matrix_layers"]
+    record = json.loads(saved_at.read_text())["matrix_layers"]
     forward, conv1 = {"replicate": 724_406_816, "torchvision": 714_188_480}, 55 * 55 * 363
     assert record["replicate (per-column)"]["multiply_adds"] == 2 * (3 * forward["replicate"] - 96 * conv1)
     assert record["torchvision alexnet"]["multiply_adds"] == 2 * (3 * forward["torchvision"] - 64 * conv1)
     for contender in record:
         assert f"   {contender:<22} min " in result.stdout
     assert "1.2x torchvision's median training rate is a step of" in result.stdout
-    saved = run("bench", "--report", str(tmp_path / "bench.json"))
+    saved = run("bench", "--report", str(saved_at))
     assert saved.returncode == 0 and "smoke: timings meaningless" in saved.stdout
+
+
+def test_bench_commands_check_the_record_path_before_measuring(tmp_path):
+    # Full-size runs (minutes), so an answer within the subprocess timeout means nothing was measured.
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("not a folder")
+    for command in ("bench", "bench-data"):
+        wrong = run(command, "--json", str(tmp_path))
+        assert wrong.returncode == 2 and f"{tmp_path} is a folder: give the file" in wrong.stderr
+        wrong = run(command, "--json", str(not_a_folder / "out" / "record.json"))
+        assert wrong.returncode == 2 and f"{not_a_folder} is a file, not a folder" in wrong.stderr
+    assert list(tmp_path.iterdir()) == [not_a_folder]
+
+
+def test_bench_report_names_a_file_that_is_no_bench_record(tmp_path):
+    missing, garbled, other = tmp_path / "missing.json", tmp_path / "garbled.json", tmp_path / "other.json"
+    garbled.write_text('{"device": "cpu", "rates"')
+    other.write_text(json.dumps({"workers": 2, "ours": [1.0]}))  # a bench-data record
+    expected = {
+        missing: f"{missing}: no such file (records are written by `python -m replicate bench --json`)",
+        garbled: f"{garbled}: not JSON (",
+        other: f"{other}: not a record of `python -m replicate bench --json`: it has no device, batch,",
+    }
+    for path, message in expected.items():
+        wrong = run("bench", "--report", str(path))
+        assert wrong.returncode == 2 and message in wrong.stderr, wrong.stderr
+        assert "Traceback" not in wrong.stderr
 
 
 def test_bench_refuses_the_triton_lrn_where_it_cannot_run():

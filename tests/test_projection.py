@@ -61,7 +61,17 @@ def test_the_command_reads_bench_records(tmp_path):
     assert out.returncode == 0, out.stderr
     hours = EPOCHS * (ILSVRC2012_TRAIN / 1000 + ILSVRC2012_VAL / 5000) / 3600
     assert f"1 GPU(s): {hours:5.1f} h for 90 epochs (1,000 img/s, bound by the network)" in out.stdout
-    missing = subprocess.run(
-        [*command, "--pipeline", "gpu_jpeg"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert missing.returncode != 0 and "gpu_jpeg: not measured" in missing.stderr
+    by_default = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert by_default.returncode == 0, by_default.stderr  # the default contender: the default path
+    assert "replicate (per-column): train 1000 img/s" in by_default.stdout
+    wrong_arguments = {
+        ("--pipeline", "gpu_jpeg"): "--pipeline gpu_jpeg: not measured in",
+        ("--contender", "replicate (fused)"): "--contender 'replicate (fused)': not in",
+        ("--gpus", "1,two"): "argument --gpus: '1,two': expected whole numbers separated by commas",
+        ("--gpus", "0,1"): "argument --gpus: '0,1': every GPU count must be at least 1",
+        ("--data", str(tmp_path / "b.json")): "b.json: not a record of `python -m replicate bench-data",
+        ("--data", str(tmp_path / "none.json")): "none.json: no such file",
+    }
+    for arguments, message in wrong_arguments.items():
+        wrong = subprocess.run([*command, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert wrong.returncode == 2 and message in wrong.stderr, wrong.stderr

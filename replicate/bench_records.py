@@ -1,0 +1,59 @@
+"""The JSON records of `bench --json` and `bench-data --json`: checked before a benchmark starts,
+written atomically after it, and read back (`bench --report`, `project`) with errors that name the
+file and what is wrong with it instead of a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from replicate.tracking import write_json
+
+# The contenders, as bench records name them; per-column is the training default (fused_columns off).
+TORCHVISION, FUSED, PER_COLUMN = "torchvision alexnet", "replicate (fused)", "replicate (per-column)"
+
+# What the readers use of each record: `bench --report` and `project` read bench records (project
+# the first four keys only), `project` reads the pipeline's workers and one of its rates.
+BENCH_KEYS = ("device", "batch", "options", "rates", "macs")
+DATA_KEYS = ("workers",)
+
+
+class RecordError(ValueError):
+    """A record that cannot be read or written; the message names the file."""
+
+
+def check_writable(path: Path) -> None:
+    """Before measuring: `path` can be written once the run ends, so minutes of timing are not
+    lost to a typo. Missing folders are made, as `make bench-gpu` makes BENCH_OUT."""
+    if path.is_dir():
+        raise RecordError(f"{path} is a folder: give the file to write the record to")
+    existing = next(folder for folder in path.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise RecordError(f"cannot write the record {path}: {existing} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RecordError(f"cannot make the folder of {path}: {error.strerror}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise RecordError(f"cannot write the record {path}: its folder is not writable")
+
+
+def write(path: Path, record: dict) -> None:
+    write_json(path, record)  # via a .partial file: an interrupted write leaves the old record whole
+
+
+def read(path: Path, command: str, needs: tuple[str, ...]) -> dict:
+    """The record at `path`, written by `python -m replicate <command> --json`, with the keys `needs`."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecordError(f"{path}: no such file (records are written by `{command} --json`)") from None
+    except IsADirectoryError:
+        raise RecordError(f"{path} is a folder, not a record of `{command} --json`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RecordError(f"{path}: not JSON ({error}); was it written by `{command} --json`?") from None
+    missing = [key for key in needs if key not in record] if isinstance(record, dict) else list(needs)
+    if missing:
+        raise RecordError(f"{path}: not a record of `{command} --json`: it has no {', '.join(missing)}")
+    return record
