@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.report:
             records = [
-                bench_records.read(path, parser.prog, bench_records.BENCH_KEYS) for path in args.report
+                bench_records.read(path, parser.prog, bench_records.BENCH_REPORT_KEYS) for path in args.report
             ]
             print("\n\n".join(report(record, saved=True) for record in records))
             return 0

@@ -13,9 +13,10 @@ from replicate.tracking import write_json
 # The contenders, as bench records name them; per-column is the training default (fused_columns off).
 TORCHVISION, FUSED, PER_COLUMN = "torchvision alexnet", "replicate (fused)", "replicate (per-column)"
 
-# What the readers use of each record: `bench --report` and `project` read bench records (project
-# the first four keys only), `project` reads the pipeline's workers and one of its rates.
-BENCH_KEYS = ("device", "batch", "options", "rates", "macs")
+# The keys each reader uses: `project` of a bench record and of a bench-data one (plus the rate of
+# the pipeline it is asked for), `bench --report` of a bench record.
+BENCH_KEYS = ("device", "batch", "options", "rates")
+BENCH_REPORT_KEYS = (*BENCH_KEYS, "macs")
 DATA_KEYS = ("workers",)
 
 
@@ -44,7 +45,7 @@ def write(path: Path, record: dict) -> None:
 
 
 def read(path: Path, command: str, needs: tuple[str, ...]) -> dict:
-    """The record at `path`, written by `python -m replicate <command> --json`, with the keys `needs`."""
+    """The record at `path`, written by `<command> --json`, with the keys `needs`."""
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every record read and checked before anything is printed
         data = bench_records.read(args.data, "python -m replicate bench-data", bench_records.DATA_KEYS)
         benches = [
-            bench_records.read(path, "python -m replicate bench", bench_records.BENCH_KEYS[:4])
+            bench_records.read(path, "python -m replicate bench", bench_records.BENCH_KEYS)
             for path in args.bench
         ]
     except bench_records.RecordError as error:
