@@ -13,7 +13,8 @@ gradient bit for bit.
 
 Calling every such function once on a few numbers, which runs on one thread, settles the choice
 before any op is big enough to be split across threads. `replicate/__init__.py` does it on import,
-so every entry point (the CLI, tests, notebooks, torchrun processes) gets it; it takes microseconds.
+so every entry point (the CLI, tests, notebooks, torchrun processes) gets it; it costs about 10 ms
+once per process (the kernel choices themselves), then nothing.
 """
 
 from __future__ import annotations
