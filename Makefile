@@ -49,16 +49,18 @@ report: $(STAMP)
 prepare: $(STAMP)
 	$(PY) -m replicate prepare experiments/baseline.yaml $(if $(DATA),data.root=$(DATA) data.dataset=ilsvrc2012)
 
-# The network's training and 10-crop images/s against torchvision's alexnet (BENCHMARKS.md).
+# The network's training and 10-crop images/s against torchvision's alexnet (BENCHMARKS.md), with
+# the default LRN and with the LRN's loops fused by torch.compile (train.lrn_kernel=compiled).
 bench: $(STAMP)
 	$(PY) -m replicate bench
+	$(PY) -m replicate bench --lrn-kernel compiled
 
 # Data pipeline images/s against a plain torchvision pipeline (BENCHMARKS.md).
 bench-data: $(STAMP)
 	$(PY) -m replicate bench-data
 
-# On a GPU machine: the network in fp32 and under the fastest options (the fused Triton LRN and CUDA
-# graphs each measured on their own), the input pipeline with all
+# On a GPU machine: the network in fp32 and under the fastest options (the Triton LRN, the compiled
+# LRN and CUDA graphs each measured on their own), the input pipeline with all
 # cores and GPU JPEG decoding, then the 90-epoch projection (BENCHMARKS.md; the H100 records of
 # analysis/benchmarks/h100 came from these commands).
 BENCH_OUT ?= reports/bench
@@ -68,6 +70,7 @@ bench-gpu: $(STAMP)
 	$(PY) -m replicate bench --steps 10 --precision tf32 --compile --json $(BENCH_OUT)/tf32-compile.json
 	$(PY) -m replicate bench --steps 10 --precision bf16 --channels-last --compile --json $(BENCH_OUT)/bf16-cl-compile.json
 	$(PY) -m replicate bench --steps 10 --precision fp32 --lrn-kernel triton --profile --json $(BENCH_OUT)/fp32-triton-lrn.json
+	$(PY) -m replicate bench --steps 10 --precision fp32 --lrn-kernel compiled --json $(BENCH_OUT)/fp32-compiled-lrn.json
 	$(PY) -m replicate bench --steps 10 --precision tf32 --compile reduce-overhead --json $(BENCH_OUT)/tf32-compile-cudagraphs.json
 	$(PY) -m replicate bench-data --workers $(shell nproc) --batch-size 128 --steady 25 --repeats 3 --json $(BENCH_OUT)/data.json
 	$(PY) -m replicate project $(BENCH_OUT)/fp32.json $(BENCH_OUT)/tf32-compile.json \

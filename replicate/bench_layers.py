@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from replicate.lrn import ResponseNorm, reference_response_norm
+from replicate.lrn import ResponseNorm, compiled_unavailable_reason, reference_response_norm
 from replicate.lrn_triton import unavailable_reason
 from replicate.pool import MaxPool
 from replicate.speed import Precision, autocast, memory_format
@@ -41,7 +41,8 @@ def layer_times(device: torch.device, batch: int, repeats: int, channels_last: b
     """Forward + backward milliseconds of one column's LRN layers (§3.3) and max-pooling layers
     (§3.4), ours against torch's own, alternating: `ResponseNorm` (its own autograd function) vs
     `F.local_response_norm` computing the same rule, and `MaxPool` (channels-last inside on the
-    CPU) vs `nn.MaxPool2d`; on a GPU with Triton also the fused LRN kernels (`lrn_triton`)."""
+    CPU) vs `nn.MaxPool2d`; also the LRN's loops fused by torch.compile where it can build them, and
+    on a GPU with Triton the hand-written kernels (`lrn_triton`)."""
     norm = ResponseNorm()
     pairs = {
         "lrn": {
@@ -52,6 +53,8 @@ def layer_times(device: torch.device, batch: int, repeats: int, channels_last: b
         },
         "pool": {"ours": MaxPool(3, 2), "torch nn.MaxPool2d": nn.MaxPool2d(3, 2)},
     }
+    if compiled_unavailable_reason([device]) is None:
+        pairs["lrn"]["ours (compiled)"] = ResponseNorm(kernel="compiled")
     if not channels_last and unavailable_reason([device]) is None:
         pairs["lrn"]["ours (triton)"] = ResponseNorm(kernel="triton")
     shapes = {  # one column's maps where each layer reads them (a 224 x 224 input)

@@ -25,7 +25,7 @@ from torchvision.models import alexnet
 from replicate import bench_records
 from replicate.bench_layers import layer_multiply_adds, layer_times, matrix_layer_times, timed
 from replicate.bench_records import FUSED, PER_COLUMN, TORCHVISION
-from replicate.lrn import LRNKernel, use_lrn_kernel
+from replicate.lrn import LRNKernel, compiled_unavailable_reason, use_lrn_kernel
 from replicate.lrn_triton import setting_conflict, unavailable_reason
 from replicate.model import AlexNet
 from replicate.optim import OptimConfig, paper_optimizer
@@ -80,7 +80,7 @@ class Options:
         text = f"precision {self.precision}; channels_last {self.channels_last}; compile {self.compile}"
         if self.compile_mode != "default":
             text += f" ({self.compile_mode})"
-        return text + ("; lrn_kernel triton" if self.lrn_kernel == "triton" else "")
+        return text + (f"; lrn_kernel {self.lrn_kernel}" if self.lrn_kernel != "torch" else "")
 
 
 def contenders(device: torch.device, options: Options) -> dict[str, tuple[nn.Module, nn.Module]]:
@@ -204,7 +204,8 @@ def report(result: dict, saved: bool = False) -> str:
     for kind in ("lrn", "pool"):  # records of stop 10 have neither, of stop 11 no pool
         for layer, times in result.get(kind, {}).items():
             reference = next(name for name in times if name.startswith("torch"))
-            for mine in (name for name in times if name != reference):  # ours; on a GPU ours (triton)
+            # ours, ours (compiled) and on a GPU ours (triton), each against torch's
+            for mine in (name for name in times if name != reference):
                 speedups = [b / a for a, b in zip(times[mine], times[reference], strict=True)]
                 medians = {
                     name: f"median {statistics.median(times[name]):.1f} ms" for name in (mine, reference)
@@ -266,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--lrn-kernel",
-        choices=["torch", "triton"],
+        choices=["torch", "compiled", "triton"],
         default="torch",
-        help="replicate's LRN layers: torch ops, or the fused Triton kernels (CUDA only)",
+        help="replicate's LRN layers: torch ops, torch.compile's fused loops, or the Triton kernels (CUDA)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="also print a profile of each contender's step"
@@ -292,11 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     compile_mode = args.compile or "default"
     options = Options(args.precision, args.channels_last, bool(args.compile), args.lrn_kernel, compile_mode)
+    why_not = None
     if options.lrn_kernel == "triton":
         why_not = unavailable_reason([torch.device(args.device)])
         why_not = why_not or setting_conflict(options.compile, options.channels_last)
-        if why_not:
-            parser.error(f"--lrn-kernel triton: {why_not}")
+    elif options.lrn_kernel == "compiled":
+        why_not = compiled_unavailable_reason([torch.device(args.device)])
+    if why_not:
+        parser.error(f"--lrn-kernel {options.lrn_kernel}: {why_not}")
     kept = keep_freed_memory()  # as every `python -m replicate` command does; applies to all contenders
     if args.smoke:
         result = run(torch.device("cpu"), batch=2, repeats=1, steps=1, options=Options(channels_last=True))

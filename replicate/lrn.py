@@ -9,8 +9,9 @@ The paper's formula, with N maps and the sum clipped at the first and last map:
 i.e. it divides alpha by n, so the paper's rule is `local_response_norm(a, n, alpha * n, beta, k)`
 (`reference_response_norm`). `ResponseNorm` computes the same rule with its own autograd function,
 cheaper in time and memory (BENCHMARKS.md); tests hold it equal to the reference and to the formula.
-On a GPU, `kernel="triton"` (`train.lrn_kernel`) runs the same rule as two fused Triton kernels
-(`lrn_triton`).
+`kernel="compiled"` (`train.lrn_kernel`) runs the same rule and backward through torch.compile, which
+fuses each into one kernel (a C++ loop nest on the CPU, Triton on a GPU); on a GPU, `kernel="triton"`
+runs it as two hand-written Triton kernels (`lrn_triton`).
 The original 2012 code divides its configured `scale` by `size` the same way (layer.py, cmrnorm),
 which is why the two rules below differ by a factor n in alpha.
 """
@@ -26,7 +27,7 @@ from torch import nn
 from replicate.lrn_triton import fused_response_norm
 
 LRNRule = Literal["paper", "code2012", "off"]
-LRNKernel = Literal["torch", "triton"]
+LRNKernel = Literal["torch", "compiled", "triton"]
 
 # §3.3: "k = 2, n = 5, alpha = 10^-4, and beta = 0.75".
 PAPER_SIZE = 5
@@ -39,13 +40,13 @@ def window_sum(values: torch.Tensor, size: int, weight: float = 1.0) -> torch.Te
     """weight x the sum over `size` adjacent maps (dim -3: C of N x C x H x W, or of N x G x C x H x W),
     clipped at the first and last map, as §3.3 sums.
 
-    On the CPU it is one matrix product with a banded C x C matrix of 0 and `weight`, which reads the
-    maps once instead of `size` times (`make bench` times the LRN; BENCHMARKS.md). Elsewhere it stays
-    `size` shifted adds: on a GPU a matrix product would follow the TF32 setting, and torch.compile
-    fuses the adds.
+    On the CPU in eager mode it is one matrix product with a banded C x C matrix of 0 and `weight`,
+    which reads the maps once instead of `size` times (`make bench` times the LRN; BENCHMARKS.md).
+    Elsewhere it stays `size` shifted adds: on a GPU a matrix product would follow the TF32 setting,
+    and torch.compile fuses the adds into the loop around them.
     """
     count = values.shape[-3]
-    if values.device.type == "cpu":
+    if values.device.type == "cpu" and not torch.compiler.is_compiling():
         band = torch.ones(count, count, dtype=values.dtype).triu_(-(size // 2)).tril_((size - 1) // 2)
         with torch.autocast("cpu", enabled=False):  # the sum of squares stays in the maps' precision
             if values.stride(-3) == 1:  # channels-last: the maps are the innermost dimension
@@ -93,6 +94,70 @@ class _ResponseNormFunction(torch.autograd.Function):
         return grad_scaled.addcmul_(maps, correction, value=-2 * ctx.alpha * ctx.beta), None, None, None, None
 
 
+def _normalise(inputs: torch.Tensor, size: int, alpha: float, beta: float, k: float, rectify: bool):
+    """b and s^-beta, for torch.compile to fuse into one kernel; `rectify`: the maps are relu(inputs)."""
+    maps = inputs.relu() if rectify else inputs
+    scale = _inverse_power(window_sum(maps * maps, size, alpha) + k, beta)
+    return maps * scale, scale
+
+
+def _normalise_backward(grad, inputs, scale, size: int, alpha: float, beta: float, k: float, rectify: bool):
+    """The closed form of `_ResponseNormFunction.backward`, the denominator recomputed from the maps
+    (one tensor less to keep; the fused kernel reads the maps anyway), then the ReLU's if `rectify`."""
+    maps = inputs.relu() if rectify else inputs
+    denominator = window_sum(maps * maps, size, alpha) + k
+    grad_scaled = grad * scale
+    correction = window_sum(grad_scaled * maps / denominator, size)
+    grad_maps = grad_scaled - (2 * alpha * beta) * maps * correction
+    return torch.where(inputs > 0, grad_maps, 0.0) if rectify else grad_maps  # as threshold_backward
+
+
+_compiled: dict[str, object] = {}
+
+
+def _compiled_kernel(name: str, function):
+    """torch.compile(function), built on first use (importing this module starts no compiler)."""
+    if name not in _compiled:
+        _compiled[name] = torch.compile(function)
+    return _compiled[name]
+
+
+def compiled_unavailable_reason(devices: list[torch.device]) -> str | None:
+    """Why torch.compile cannot build the LRN's loops on `devices` (no C++ compiler on the CPU, say),
+    or None: tries it once per device on a few numbers, so that a run fails before its first step."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    for device in devices:
+        maps = torch.rand(1, 5, 2, 2, device=device, requires_grad=True)
+        try:
+            torch.autograd.grad(
+                _CompiledResponseNormFunction.apply(maps, 5, 1e-4, 0.75, 2.0, True).sum(), maps
+            )
+        except TorchDynamoException as error:
+            reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            return f"torch.compile could not build the LRN's loops on {device} ({reason})"
+    return None
+
+
+class _CompiledResponseNormFunction(torch.autograd.Function):
+    """`_ResponseNormFunction` with forward and backward each compiled into one fused kernel, the ReLU
+    before it inside them if `rectify`; keeps its input and s^-beta for backward (two tensors, not
+    three)."""
+
+    @staticmethod
+    def forward(ctx, inputs, size: int, alpha: float, beta: float, k: float, rectify: bool):
+        out, scale = _compiled_kernel("forward", _normalise)(inputs, size, alpha, beta, k, rectify)
+        ctx.save_for_backward(inputs, scale)
+        ctx.rule = (size, alpha, beta, k, rectify)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs, scale = ctx.saved_tensors
+        backward = _compiled_kernel("backward", _normalise_backward)
+        return backward(grad, inputs, scale, *ctx.rule), None, None, None, None, None
+
+
 def reference_response_norm(
     maps: torch.Tensor, size: int, alpha: float, beta: float, k: float
 ) -> torch.Tensor:
@@ -117,29 +182,38 @@ class ResponseNorm(nn.Module):
     ) -> None:
         super().__init__()
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
-        self.kernel = kernel  # triton: the fused kernels, for contiguous maps on a GPU outside torch.compile
+        # compiled: torch.compile's fused kernels; triton: the hand-written kernels, for contiguous maps on
+        # a GPU outside torch.compile. Inside a compiled model both leave the fusing to that compile.
+        self.kernel = kernel
+        self.rectify = False  # True: the ReLU before it runs here (`use_lrn_kernel`), on its input
 
     def forward(self, maps: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """`groups` > 1: the maps are that many columns side by side (N x G*C x H x W); each is
         normalised over its own C maps, through a (N, G, C, H, W) view (no copy, any layout)."""
         if self.size % 2 == 0:  # the closed-form backward assumes a symmetric window
-            columns = maps.chunk(groups, dim=1)
+            columns = (maps.relu() if self.rectify else maps).chunk(groups, dim=1)
             parts = [reference_response_norm(m, self.size, self.alpha, self.beta, self.k) for m in columns]
             return torch.cat(parts, dim=1)
         low = maps.dtype in (torch.float16, torch.bfloat16)  # under autocast: sum the squares in fp32
         view = maps.float() if low else maps
         if groups > 1:
             view = view.unflatten(1, (groups, -1))
-        fused = self.kernel == "triton" and view.is_cuda and view.is_contiguous()
-        if fused and not torch.compiler.is_compiling():  # compiled, Inductor fuses the torch path itself
-            out = fused_response_norm(view, self.size, self.alpha, self.beta, self.k)
+        compiling = torch.compiler.is_compiling()  # a compiled model: Inductor fuses the torch path itself
+        rule = (self.size, self.alpha, self.beta, self.k)
+        if self.kernel == "compiled" and not compiling:
+            out = _CompiledResponseNormFunction.apply(view, *rule, self.rectify)
         else:
-            out = _ResponseNormFunction.apply(view, self.size, self.alpha, self.beta, self.k)
+            view = view.relu() if self.rectify else view
+            if self.kernel == "triton" and view.is_cuda and view.is_contiguous() and not compiling:
+                out = fused_response_norm(view, *rule)
+            else:
+                out = _ResponseNormFunction.apply(view, *rule)
         out = out.flatten(1, 2) if groups > 1 else out
         return out.to(maps.dtype) if low else out
 
     def extra_repr(self) -> str:
-        kernel = ", kernel=triton" if self.kernel == "triton" else ""
+        kernel = f", kernel={self.kernel}" if self.kernel != "torch" else ""
+        kernel += ", rectifies its input" if self.rectify else ""
         return (
             f"size={self.size}, alpha={self.alpha:g} (per squared map), beta={self.beta}, k={self.k}{kernel}"
         )
@@ -184,7 +258,22 @@ def response_norm(rule: LRNRule, k: float = PAPER_K) -> nn.Module:
 
 
 def use_lrn_kernel(model: nn.Module, kernel: LRNKernel) -> None:
-    """Every `ResponseNorm` of `model` runs on `kernel` (torch ops, or the fused Triton kernels)."""
-    for module in model.modules():
+    """Every `ResponseNorm` of `model` runs on `kernel` (torch ops, compiled kernels, or Triton kernels).
+
+    Under "compiled", a ReLU right before an LRN (§3.5's order, in an `nn.Sequential`) moves into the
+    LRN's kernels, which saves a pass over the maps each way: the ReLU's place holds an
+    `nn.Identity` and the LRN rectifies its input itself. Any other kernel puts the ReLU back.
+    """
+    for module in list(model.modules()):  # a list: the loop swaps modules
         if isinstance(module, ResponseNorm):
             module.kernel = kernel
+        if not isinstance(module, nn.Sequential):
+            continue
+        for index in range(len(module) - 1):
+            before, norm = module[index], module[index + 1]
+            if not isinstance(norm, ResponseNorm):
+                continue
+            if kernel == "compiled" and isinstance(before, nn.ReLU):
+                module[index], norm.rectify = nn.Identity(), True
+            elif kernel != "compiled" and norm.rectify:
+                module[index], norm.rectify = nn.ReLU(), False

@@ -36,7 +36,7 @@ from replicate.data.loader import (
 )
 from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate, topk_correct
-from replicate.lrn import LRNKernel, use_lrn_kernel
+from replicate.lrn import LRNKernel, compiled_unavailable_reason, use_lrn_kernel
 from replicate.lrn_triton import setting_conflict, unavailable_reason
 from replicate.model import AlexNet
 from replicate.optim import PaperSGD, PlateauSchedule, paper_optimizer
@@ -72,7 +72,8 @@ class TrainConfig(Section):
     compile: bool = False  # torch.compile the network
     compile_mode: CompileMode = "default"  # reduce-overhead: CUDA graphs too (needs compile=true)
     fused_columns: bool = False  # both columns in one tensor (grouped convs): faster only compiled
-    lrn_kernel: LRNKernel = "torch"  # triton: the LRN as fused Triton kernels, on a GPU (lrn_triton)
+    # compiled: the LRN's loops fused by torch.compile; triton: hand-written kernels, GPU only (lrn_triton)
+    lrn_kernel: LRNKernel = "torch"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -175,11 +176,14 @@ class Trainer:
         )
         if len(self.devices) == 1:
             self.model.to(self.devices[0])
-        if train.lrn_kernel == "triton":
-            why_not = unavailable_reason(self.devices)
+        if train.lrn_kernel != "torch":
+            check = unavailable_reason if train.lrn_kernel == "triton" else compiled_unavailable_reason
+            why_not = check(self.devices)
             if why_not:
-                raise ConfigError(f"train.lrn_kernel=triton: {why_not}; set train.lrn_kernel=torch")
-            use_lrn_kernel(self.model, "triton")
+                raise ConfigError(
+                    f"train.lrn_kernel={train.lrn_kernel}: {why_not}; set train.lrn_kernel=torch"
+                )
+            use_lrn_kernel(self.model, train.lrn_kernel)
         set_precision(train.precision)
         torch.backends.cudnn.benchmark = not train.deterministic  # fastest algorithms for these shapes
         self.optimizer: PaperSGD = paper_optimizer(self.model, config.optim)

@@ -133,3 +133,60 @@ def test_cpu_window_sum_stays_in_float32_under_bf16_autocast():
         summed = window_sum(values * values, 5, 1e-4)
     assert summed.dtype == torch.float32
     torch.testing.assert_close(summed, window_sum_by_shifts(values * values, 5) * 1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "columns_view"])
+def test_compiled_kernel_equals_the_torch_path_in_value_and_gradient(layout):
+    """`train.lrn_kernel=compiled`: the same rule and closed-form backward, fused by torch.compile."""
+    maps = torch.rand(3, 24, 7, 9, generator=torch.Generator().manual_seed(2)) * 150
+    if layout == "channels_last":
+        maps = maps.contiguous(memory_format=torch.channels_last)
+    groups = 2 if layout == "columns_view" else 1  # the fused path: each column its own 12 maps
+    maps.requires_grad_()
+    expected = ResponseNorm()(maps, groups)
+    compiled = ResponseNorm(kernel="compiled")(maps, groups)
+    torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn_like(expected)
+    torch.testing.assert_close(
+        torch.autograd.grad(compiled, maps, upstream)[0],
+        torch.autograd.grad(expected, maps, upstream)[0],
+        rtol=1e-5,
+        atol=1e-7,
+    )
+
+
+def test_compiled_kernel_follows_the_formula_for_any_beta():
+    """In float64, against §3.3 written out: the general power, not only beta = 0.75's roots."""
+    maps = (torch.rand(2, 9, 3, 4, dtype=torch.float64) * 200).requires_grad_()
+    out = ResponseNorm(5, 1e-4, 0.6, 2.0, kernel="compiled")(maps)
+    torch.testing.assert_close(out, lrn_by_loop(maps.detach(), 5, 1e-4, 0.6, 2.0))
+    expected = maps.detach().clone().requires_grad_()
+    upstream = torch.randn_like(out)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, maps, upstream)[0],
+        torch.autograd.grad(lrn_by_loop(expected, 5, 1e-4, 0.6, 2.0), expected, upstream)[0],
+    )
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "torch"])
+def test_an_lrn_that_rectifies_its_input_equals_relu_then_lrn(kernel):
+    """`use_lrn_kernel(model, "compiled")` moves the ReLU before an LRN into it (`rectify`): the same
+    function and gradient, zero where the input is not positive, as the ReLU's own backward."""
+    inputs = (torch.randn(3, 16, 6, 7, generator=torch.Generator().manual_seed(3)) * 100).requires_grad_()
+    expected = ResponseNorm()(torch.relu(inputs))
+    norm = ResponseNorm(kernel=kernel)
+    norm.rectify = True
+    out = norm(inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn_like(out)
+    grad = torch.autograd.grad(out, inputs, upstream)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, inputs, upstream)[0], rtol=1e-5, atol=1e-7)
+    assert (grad[inputs <= 0] == 0).all() and (grad[inputs > 0] != 0).all()
+
+
+def test_an_even_window_that_rectifies_its_input_equals_relu_then_lrn():
+    """An even window takes torch's implementation (no closed-form backward): the ReLU still runs."""
+    inputs = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(4)) * 100
+    norm = ResponseNorm(4, 1e-4, 0.75, 2.0, kernel="compiled")
+    norm.rectify = True
+    torch.testing.assert_close(norm(inputs), ResponseNorm(4, 1e-4, 0.75, 2.0)(torch.relu(inputs)))

@@ -1,5 +1,6 @@
 """Every fast path against the reference path: channels-last, bf16 autocast, torch.compile, TF32,
-the fused columns on a GPU, and a training run with the options on (issue: performance)."""
+the compiled LRN kernel, the fused columns on a GPU, and a training run with the options on (issue:
+performance)."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import alexnet
 
-from replicate.lrn import ResponseNorm
+from replicate.lrn import ResponseNorm, use_lrn_kernel
 from replicate.model import AlexNet
 from replicate.speed import (
     KEEP_FREED_MEMORY,
@@ -115,6 +116,36 @@ def test_torch_compile_computes_the_same_function(mode):
         assert relative(grad, ref_grads[name]) < 1e-4, name
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_compiled_lrn_kernel_computes_the_same_function(fused):
+    reference, fast, images, labels = pair(dropout="off")
+    if not fused:
+        fast = AlexNet(10, fused=False, dropout="off")
+        fast.load_state_dict(reference.state_dict())
+    use_lrn_kernel(fast, "compiled")
+    logits, grads = step(fast, fast, images, labels)
+    ref_logits, ref_grads = step(reference, reference, images, labels)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        assert relative(grad, ref_grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("variant", [{}, {"lrn1_before_relu": True}])
+def test_the_compiled_lrn_kernel_takes_in_the_relu_before_it_and_gives_it_back(variant):
+    model = AlexNet(10, **variant)
+    built = repr(model)
+    use_lrn_kernel(model, "compiled")
+    for column in model.columns:
+        for name, block in column.convs.items():
+            norms = [m for m in block if isinstance(m, ResponseNorm)]
+            # §3.5's order (conv, ReLU, LRN) fuses; #145's conv1 (conv, LRN, pool, ReLU) has no ReLU to take
+            fused = name == "conv2" or (name == "conv1" and not variant)
+            assert [n.rectify for n in norms] == ([True] if fused else [False] * len(norms)), name
+            assert isinstance(block[1], torch.nn.Identity) == fused, name
+    use_lrn_kernel(model, "torch")
+    assert repr(model) == built
+
+
 def test_precision_flags():
     try:
         set_precision("tf32")
@@ -158,6 +189,7 @@ def test_a_run_with_every_speed_option_trains_and_evaluates(tmp_path):
         "train.precision=bf16",
         "train.channels_last=true",
         "train.fused_columns=true",
+        "train.lrn_kernel=compiled",
     )
     assert code == 0, err
     run = tmp_path / "baseline" / "seed0"
@@ -241,3 +273,32 @@ def test_kept_freed_memory_is_reused_without_new_page_faults():
     # glibc's default maps and zeroes every 64 MiB block anew: 16,384 pages each, 3 per step
     assert faults_default > 5 * 3 * 16_000
     assert faults_kept < faults_default / 4
+
+
+def test_the_compiled_lrn_kernel_without_a_compiler_is_a_clear_error(tmp_path):
+    """Where torch.compile cannot build the loops (here: no C++ compiler, and a cache of its own so
+    that no earlier build is reused), `bench` and `train` stop before their first step, saying so."""
+    env = {"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    bench = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "replicate",
+            "bench",
+            "--lrn-kernel",
+            "compiled",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    reason = "torch.compile could not build the LRN's loops on cpu (InvalidCxxCompiler"
+    assert bench.returncode == 2 and f"--lrn-kernel compiled: {reason}" in bench.stderr, bench.stderr
+    assert "Traceback" not in bench.stderr and not (tmp_path / "b.json").exists()
+    code, _, err = train(tmp_path / "runs", "train.lrn_kernel=compiled", env=env)
+    assert code != 0 and f"train.lrn_kernel=compiled: {reason}" in err and "Traceback" not in err, err
+    assert "set train.lrn_kernel=torch" in err
+    assert not list((tmp_path / "runs").rglob("*.pt"))  # no step was taken
