@@ -135,10 +135,15 @@ def test_cpu_window_sum_stays_in_float32_under_bf16_autocast():
     torch.testing.assert_close(summed, window_sum_by_shifts(values * values, 5) * 1e-4)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "columns_view"])
-def test_compiled_kernel_equals_the_torch_path_in_value_and_gradient(layout):
+@pytest.mark.parametrize(
+    ("layout", "device"),
+    [("contiguous", "cpu"), ("channels_last", "cpu"), ("columns_view", "cpu"), ("contiguous", "cuda")],
+)
+def test_compiled_kernel_equals_the_torch_path_in_value_and_gradient(layout, device):
     """`train.lrn_kernel=compiled`: the same rule and closed-form backward, fused by torch.compile."""
-    maps = torch.rand(3, 24, 7, 9, generator=torch.Generator().manual_seed(2)) * 150
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    maps = torch.rand(3, 24, 7, 9, generator=torch.Generator().manual_seed(2)).to(device) * 150
     if layout == "channels_last":
         maps = maps.contiguous(memory_format=torch.channels_last)
     groups = 2 if layout == "columns_view" else 1  # the fused path: each column its own 12 maps

@@ -207,6 +207,7 @@ def test_a_run_with_every_speed_option_trains_and_evaluates(tmp_path):
         ["train.precision=bf16", "train.channels_last=true", "train.compile=true"],
         ["train.precision=tf32", "train.compile=true", "train.compile_mode=reduce-overhead"],  # CUDA graphs
         ["train.lrn_kernel=triton", "train.fused_columns=true"],
+        ["train.lrn_kernel=compiled"],  # Inductor's Triton kernels
     ],
 )
 def test_a_gpu_training_run_with_speed_options(tmp_path, options):
