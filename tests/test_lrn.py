@@ -18,6 +18,22 @@ def lrn_by_loop(maps: torch.Tensor, n: int, alpha: float, beta: float, k: float)
     return out
 
 
+def assert_same_function(
+    out, expected, inputs, value_tol=(None, None), grad_tol=(None, None), expected_inputs=None
+):
+    """`out` equals `expected`, and so do their gradients for one random upstream gradient: of
+    `inputs`, and for `expected` of `expected_inputs` where it was computed from a copy.
+    Tolerances are (rtol, atol); (None, None) is assert_close's default for the dtype. Returns the
+    gradient of `inputs`."""
+    torch.testing.assert_close(out, expected, rtol=value_tol[0], atol=value_tol[1])
+    upstream = torch.randn_like(expected)
+    grad = torch.autograd.grad(out, inputs, upstream)[0]
+    wrt = inputs if expected_inputs is None else expected_inputs
+    expected_grad = torch.autograd.grad(expected, wrt, upstream)[0]
+    torch.testing.assert_close(grad, expected_grad, rtol=grad_tol[0], atol=grad_tol[1])
+    return grad
+
+
 @pytest.fixture
 def maps() -> torch.Tensor:
     # Large activations, so that alpha * sum(a^2) is comparable with k and the test has teeth.
@@ -89,14 +105,7 @@ def test_fast_path_in_float32_matches_the_reference():
 
     maps = (torch.rand(4, 48, 9, 9) * 150).requires_grad_()
     fast, reference = ResponseNorm()(maps), reference_response_norm(maps, 5, 1e-4, 0.75, 2.0)
-    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
-    upstream = torch.randn_like(fast)
-    torch.testing.assert_close(
-        torch.autograd.grad(fast, maps, upstream)[0],
-        torch.autograd.grad(reference, maps, upstream)[0],
-        rtol=1e-4,
-        atol=1e-6,
-    )
+    assert_same_function(fast, reference, maps, (1e-5, 1e-5), (1e-4, 1e-6))
 
 
 def window_sum_by_shifts(values: torch.Tensor, size: int) -> torch.Tensor:
@@ -150,27 +159,15 @@ def test_compiled_kernel_equals_the_torch_path_in_value_and_gradient(layout, dev
     maps.requires_grad_()
     expected = ResponseNorm()(maps, groups)
     compiled = ResponseNorm(kernel="compiled")(maps, groups)
-    torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-6)
-    upstream = torch.randn_like(expected)
-    torch.testing.assert_close(
-        torch.autograd.grad(compiled, maps, upstream)[0],
-        torch.autograd.grad(expected, maps, upstream)[0],
-        rtol=1e-5,
-        atol=1e-7,
-    )
+    assert_same_function(compiled, expected, maps, (1e-6, 1e-6), (1e-5, 1e-7))
 
 
 def test_compiled_kernel_follows_the_formula_for_any_beta():
     """In float64, against §3.3 written out: the general power, not only beta = 0.75's roots."""
     maps = (torch.rand(2, 9, 3, 4, dtype=torch.float64) * 200).requires_grad_()
     out = ResponseNorm(5, 1e-4, 0.6, 2.0, kernel="compiled")(maps)
-    torch.testing.assert_close(out, lrn_by_loop(maps.detach(), 5, 1e-4, 0.6, 2.0))
-    expected = maps.detach().clone().requires_grad_()
-    upstream = torch.randn_like(out)
-    torch.testing.assert_close(
-        torch.autograd.grad(out, maps, upstream)[0],
-        torch.autograd.grad(lrn_by_loop(expected, 5, 1e-4, 0.6, 2.0), expected, upstream)[0],
-    )
+    copy = maps.detach().clone().requires_grad_()
+    assert_same_function(out, lrn_by_loop(copy, 5, 1e-4, 0.6, 2.0), maps, expected_inputs=copy)
 
 
 @pytest.mark.parametrize("kernel", ["compiled", "torch"])
@@ -181,11 +178,7 @@ def test_an_lrn_that_rectifies_its_input_equals_relu_then_lrn(kernel):
     expected = ResponseNorm()(torch.relu(inputs))
     norm = ResponseNorm(kernel=kernel)
     norm.rectify = True
-    out = norm(inputs)
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
-    upstream = torch.randn_like(out)
-    grad = torch.autograd.grad(out, inputs, upstream)[0]
-    torch.testing.assert_close(grad, torch.autograd.grad(expected, inputs, upstream)[0], rtol=1e-5, atol=1e-7)
+    grad = assert_same_function(norm(inputs), expected, inputs, (1e-6, 1e-6), (1e-5, 1e-7))
     assert (grad[inputs <= 0] == 0).all() and (grad[inputs > 0] != 0).all()
 
 
