@@ -50,7 +50,7 @@ prepare: $(STAMP)
 	$(PY) -m replicate prepare experiments/baseline.yaml $(if $(DATA),data.root=$(DATA) data.dataset=ilsvrc2012)
 
 # The network's training and 10-crop images/s against torchvision's alexnet (BENCHMARKS.md), with
-# the default LRN and with the LRN's loops fused by torch.compile (train.lrn_kernel=compiled).
+# the default LRN and with the LRN as kernels fused by torch.compile (train.lrn_kernel=compiled).
 bench: $(STAMP)
 	$(PY) -m replicate bench
 	$(PY) -m replicate bench --lrn-kernel compiled

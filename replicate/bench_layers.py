@@ -41,7 +41,7 @@ def layer_times(device: torch.device, batch: int, repeats: int, channels_last: b
     """Forward + backward milliseconds of one column's LRN layers (§3.3) and max-pooling layers
     (§3.4), ours against torch's own, alternating: `ResponseNorm` (its own autograd function) vs
     `F.local_response_norm` computing the same rule, and `MaxPool` (channels-last inside on the
-    CPU) vs `nn.MaxPool2d`; also the LRN's loops fused by torch.compile where it can build them, and
+    CPU) vs `nn.MaxPool2d`; also the LRN as torch.compile's fused kernels where it can build them, and
     on a GPU with Triton the hand-written kernels (`lrn_triton`)."""
     norm = ResponseNorm()
     pairs = {

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lrn-kernel",
         choices=["torch", "compiled", "triton"],
         default="torch",
-        help="replicate's LRN layers: torch ops, torch.compile's fused loops, or the Triton kernels (CUDA)",
+        help="replicate's LRN layers: torch ops, torch.compile's fused kernels, or Triton ones (CUDA)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="also print a profile of each contender's step"

@@ -123,7 +123,7 @@ def _compiled_kernel(name: str, function):
 
 
 def compiled_unavailable_reason(devices: list[torch.device]) -> str | None:
-    """Why torch.compile cannot build the LRN's loops on `devices` (no C++ compiler on the CPU, say),
+    """Why torch.compile cannot build the LRN's kernels on `devices` (no C++ compiler on the CPU, say),
     or None: tries it once per device on a few numbers, so that a run fails before its first step."""
     from torch._dynamo.exc import TorchDynamoException
 
@@ -134,8 +134,10 @@ def compiled_unavailable_reason(devices: list[torch.device]) -> str | None:
                 _CompiledResponseNormFunction.apply(maps, 5, 1e-4, 0.75, 2.0, True).sum(), maps
             )
         except TorchDynamoException as error:
-            reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-            return f"torch.compile could not build the LRN's loops on {device} ({reason})"
+            cause = getattr(error, "inner_exception", None) or error  # the compiler's own error
+            first = next((line for line in str(cause).splitlines() if line.strip()), "")
+            why = f"{type(cause).__name__}: {first}"
+            return f"torch.compile could not build the LRN's kernels on {device} ({why})"
     return None
 
 

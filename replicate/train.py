@@ -72,7 +72,7 @@ class TrainConfig(Section):
     compile: bool = False  # torch.compile the network
     compile_mode: CompileMode = "default"  # reduce-overhead: CUDA graphs too (needs compile=true)
     fused_columns: bool = False  # both columns in one tensor (grouped convs): faster only compiled
-    # compiled: the LRN's loops fused by torch.compile; triton: hand-written kernels, GPU only (lrn_triton)
+    # compiled: the LRN as kernels fused by torch.compile; triton: hand-written kernels, GPU only (lrn_triton)
     lrn_kernel: LRNKernel = "torch"
 
     def __post_init__(self) -> None:

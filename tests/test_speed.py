@@ -277,7 +277,7 @@ def test_kept_freed_memory_is_reused_without_new_page_faults():
 
 
 def test_the_compiled_lrn_kernel_without_a_compiler_is_a_clear_error(tmp_path):
-    """Where torch.compile cannot build the loops (here: no C++ compiler, and a cache of its own so
+    """Where torch.compile cannot build the kernels (here: no C++ compiler, and a cache of its own so
     that no earlier build is reused), `bench` and `train` stop before their first step, saying so."""
     env = {"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     bench = subprocess.run(
@@ -296,7 +296,7 @@ def test_the_compiled_lrn_kernel_without_a_compiler_is_a_clear_error(tmp_path):
         timeout=300,
         env={**os.environ, **env},
     )
-    reason = "torch.compile could not build the LRN's loops on cpu (InvalidCxxCompiler"
+    reason = "torch.compile could not build the LRN's kernels on cpu (InvalidCxxCompiler: No working C++"
     assert bench.returncode == 2 and f"--lrn-kernel compiled: {reason}" in bench.stderr, bench.stderr
     assert "Traceback" not in bench.stderr and not (tmp_path / "b.json").exists()
     code, _, err = train(tmp_path / "runs", "train.lrn_kernel=compiled", env=env)
