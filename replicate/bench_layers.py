@@ -16,8 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from replicate.lrn import ResponseNorm, compiled_unavailable_reason, reference_response_norm
-from replicate.lrn_triton import unavailable_reason
+from replicate.lrn import ResponseNorm, kernel_unavailable_reason, reference_response_norm
 from replicate.pool import MaxPool
 from replicate.speed import Precision, autocast, memory_format
 
@@ -53,9 +52,9 @@ def layer_times(device: torch.device, batch: int, repeats: int, channels_last: b
         },
         "pool": {"ours": MaxPool(3, 2), "torch nn.MaxPool2d": nn.MaxPool2d(3, 2)},
     }
-    if compiled_unavailable_reason([device]) is None:
+    if kernel_unavailable_reason("compiled", [device]) is None:
         pairs["lrn"]["ours (compiled)"] = ResponseNorm(kernel="compiled")
-    if not channels_last and unavailable_reason([device]) is None:
+    if not channels_last and kernel_unavailable_reason("triton", [device]) is None:
         pairs["lrn"]["ours (triton)"] = ResponseNorm(kernel="triton")
     shapes = {  # one column's maps where each layer reads them (a 224 x 224 input)
         "lrn": {"lrn1": (48, 55), "lrn2": (128, 27)},

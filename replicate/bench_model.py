@@ -25,8 +25,8 @@ from torchvision.models import alexnet
 from replicate import bench_records
 from replicate.bench_layers import layer_multiply_adds, layer_times, matrix_layer_times, timed
 from replicate.bench_records import FUSED, PER_COLUMN, TORCHVISION
-from replicate.lrn import LRNKernel, compiled_unavailable_reason, use_lrn_kernel
-from replicate.lrn_triton import setting_conflict, unavailable_reason
+from replicate.lrn import LRNKernel, kernel_unavailable_reason, use_lrn_kernel
+from replicate.lrn_triton import setting_conflict
 from replicate.model import AlexNet
 from replicate.optim import OptimConfig, paper_optimizer
 from replicate.speed import (
@@ -293,12 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     compile_mode = args.compile or "default"
     options = Options(args.precision, args.channels_last, bool(args.compile), args.lrn_kernel, compile_mode)
-    why_not = None
+    why_not = kernel_unavailable_reason(options.lrn_kernel, [torch.device(args.device)])
     if options.lrn_kernel == "triton":
-        why_not = unavailable_reason([torch.device(args.device)])
         why_not = why_not or setting_conflict(options.compile, options.channels_last)
-    elif options.lrn_kernel == "compiled":
-        why_not = compiled_unavailable_reason([torch.device(args.device)])
     if why_not:
         parser.error(f"--lrn-kernel {options.lrn_kernel}: {why_not}")
     kept = keep_freed_memory()  # as every `python -m replicate` command does; applies to all contenders

@@ -18,13 +18,14 @@ which is why the two rules below differ by a factor n in alpha.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicate.lrn_triton import fused_response_norm
+from replicate.lrn_triton import fused_response_norm, unavailable_reason
 
 LRNRule = Literal["paper", "code2012", "off"]
 LRNKernel = Literal["torch", "compiled", "triton"]
@@ -112,14 +113,10 @@ def _normalise_backward(grad, inputs, scale, size: int, alpha: float, beta: floa
     return torch.where(inputs > 0, grad_maps, 0.0) if rectify else grad_maps  # as threshold_backward
 
 
-_compiled: dict[str, object] = {}
-
-
-def _compiled_kernel(name: str, function):
+@cache
+def _compiled(function):
     """torch.compile(function), built on first use (importing this module starts no compiler)."""
-    if name not in _compiled:
-        _compiled[name] = torch.compile(function)
-    return _compiled[name]
+    return torch.compile(function)
 
 
 def compiled_unavailable_reason(devices: list[torch.device]) -> str | None:
@@ -141,6 +138,15 @@ def compiled_unavailable_reason(devices: list[torch.device]) -> str | None:
     return None
 
 
+def kernel_unavailable_reason(kernel: LRNKernel, devices: list[torch.device]) -> str | None:
+    """Why the LRN cannot run on `kernel` on `devices`, or None (the torch path runs anywhere)."""
+    if kernel == "triton":
+        return unavailable_reason(devices)
+    if kernel == "compiled":
+        return compiled_unavailable_reason(devices)
+    return None
+
+
 class _CompiledResponseNormFunction(torch.autograd.Function):
     """`_ResponseNormFunction` with forward and backward each compiled into one fused kernel, the ReLU
     before it inside them if `rectify`; keeps its input and s^-beta for backward (two tensors, not
@@ -148,7 +154,7 @@ class _CompiledResponseNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs, size: int, alpha: float, beta: float, k: float, rectify: bool):
-        out, scale = _compiled_kernel("forward", _normalise)(inputs, size, alpha, beta, k, rectify)
+        out, scale = _compiled(_normalise)(inputs, size, alpha, beta, k, rectify)
         ctx.save_for_backward(inputs, scale)
         ctx.rule = (size, alpha, beta, k, rectify)
         return out
@@ -156,8 +162,7 @@ class _CompiledResponseNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         inputs, scale = ctx.saved_tensors
-        backward = _compiled_kernel("backward", _normalise_backward)
-        return backward(grad, inputs, scale, *ctx.rule), None, None, None, None, None
+        return _compiled(_normalise_backward)(grad, inputs, scale, *ctx.rule), None, None, None, None, None
 
 
 def reference_response_norm(

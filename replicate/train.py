@@ -36,8 +36,8 @@ from replicate.data.loader import (
 )
 from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate, topk_correct
-from replicate.lrn import LRNKernel, compiled_unavailable_reason, use_lrn_kernel
-from replicate.lrn_triton import setting_conflict, unavailable_reason
+from replicate.lrn import LRNKernel, kernel_unavailable_reason, use_lrn_kernel
+from replicate.lrn_triton import setting_conflict
 from replicate.model import AlexNet
 from replicate.optim import PaperSGD, PlateauSchedule, paper_optimizer
 from replicate.speed import (
@@ -177,8 +177,7 @@ class Trainer:
         if len(self.devices) == 1:
             self.model.to(self.devices[0])
         if train.lrn_kernel != "torch":
-            check = unavailable_reason if train.lrn_kernel == "triton" else compiled_unavailable_reason
-            why_not = check(self.devices)
+            why_not = kernel_unavailable_reason(train.lrn_kernel, self.devices)
             if why_not:
                 raise ConfigError(
                     f"train.lrn_kernel={train.lrn_kernel}: {why_not}; set train.lrn_kernel=torch"
