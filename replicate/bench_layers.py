@@ -85,20 +85,34 @@ def layer_multiply_adds(layer: nn.Conv2d | nn.Linear, output: torch.Tensor) -> i
     return output.numel() * layer.in_features
 
 
+def paper_layer_names(model: nn.Module) -> dict[nn.Module, str]:
+    """conv1 ... fc8 for each Conv2d and Linear: ours by `named_layers` (both columns' halves share a
+    name), any other net by order (its i-th convolution conv{i}, its j-th linear layer fc{5 + j})."""
+    if hasattr(model, "named_layers"):
+        return {layer: name for name, layer in model.named_layers()}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return {
+        **{layer: f"conv{i}" for i, layer in enumerate(convs, 1)},
+        **{layer: f"fc{5 + j}" for j, layer in enumerate(linears, 1)},
+    }
+
+
 def _matrix_layers_at_work(model: nn.Module, images: torch.Tensor, precision: Precision) -> list[tuple]:
-    """(layer, its input, an upstream gradient, multiply-adds of its forward + backward) for every
-    Conv2d and Linear of `model`, captured from one training-mode forward pass of `images`."""
+    """(paper name, layer, its input, an upstream gradient, multiply-adds of its forward + backward)
+    for every Conv2d and Linear of `model`, captured from one training-mode forward pass of `images`."""
     captured: list[tuple] = []
+    names = paper_layer_names(model)
 
     def capture(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         work = layer_multiply_adds(layer, output)
         # backward: the weight gradient always, the input gradient where the input needs one (not conv1)
         work *= 3 if inputs[0].requires_grad else 2
         upstream = torch.randn_like(output)
-        captured.append((layer, inputs[0].detach().requires_grad_(inputs[0].requires_grad), upstream, work))
+        grad = inputs[0].requires_grad
+        captured.append((names[layer], layer, inputs[0].detach().requires_grad_(grad), upstream, work))
 
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks = [layer.register_forward_hook(capture) for layer in layers]
+    hooks = [layer.register_forward_hook(capture) for layer in names]
     try:  # with autograd on, so that each input says whether its layer's backward needs its gradient
         with autocast(images.device, precision):
             model.train()(images)
@@ -114,19 +128,25 @@ def matrix_layer_times(
     """Each contender's convolution and fully-connected layers, forward + backward (weight gradients,
     and input gradients where its forward needs them), one layer at a time, eager, in the memory
     format and precision of its forward pass: summed milliseconds per repeat, contenders alternating,
-    and the multiply-adds that work is."""
+    and the multiply-adds that work is; the same per paper layer (`layers`, ours summing its columns)."""
     at_work = {name: _matrix_layers_at_work(model, images, precision) for name, model in models.items()}
-    times: dict[str, dict] = {
-        name: {"ms": [], "multiply_adds": sum(work for *_, work in layers)}
-        for name, layers in at_work.items()
-    }
+    times: dict[str, dict] = {}
+    for name, layers in at_work.items():
+        per_layer = {paper: {"ms": [], "multiply_adds": 0} for paper, *_ in layers}
+        for paper, *_, work in layers:
+            per_layer[paper]["multiply_adds"] += work
+        times[name] = {"ms": [], "multiply_adds": sum(work for *_, work in layers), "layers": per_layer}
     for repeat in range(repeats + 1):  # the first round warms up
         for name, layers in at_work.items():
-            total = 0.0
-            for layer, inputs, upstream, _ in layers:
+            spent = dict.fromkeys(times[name]["layers"], 0.0)
+            for paper, layer, inputs, upstream, _ in layers:
                 params = tuple(p for p in layer.parameters() if p.requires_grad)
                 with autocast(images.device, precision):
-                    total += timed(partial(_forward_backward, layer, inputs, upstream, params), images.device)
+                    spent[paper] += timed(
+                        partial(_forward_backward, layer, inputs, upstream, params), images.device
+                    )
             if repeat:
-                times[name]["ms"].append(total * 1000)
+                times[name]["ms"].append(sum(spent.values()) * 1000)
+                for paper, seconds in spent.items():
+                    times[name]["layers"][paper]["ms"].append(seconds * 1000)
     return times

@@ -243,6 +243,16 @@ def _matrix_layer_lines(result: dict) -> list[str]:
     lines.append(
         f"   1.2x torchvision's median training rate is a step of {step_ms[TORCHVISION] / 1.2:.1f} ms"
     )
+    if all("layers" in record for record in matrix.values()):  # records before stop 17 have no split
+        lines.append("   per layer, median ms (G multiply-adds/s), replicate's columns summed:")
+        lines.append("     layer " + "".join(f"{name:>26}" for name in matrix))
+        for layer in matrix[TORCHVISION]["layers"]:
+            cells = []
+            for record in matrix.values():
+                timing = record["layers"][layer]
+                median = statistics.median(timing["ms"])
+                cells.append(f"{median:.1f} ({timing['multiply_adds'] / median / 1e6:.1f})")
+            lines.append(f"     {layer:<6}" + "".join(f"{cell:>26}" for cell in cells))
     return lines
 
 

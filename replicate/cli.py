@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from analysis.tables import markdown, replication_table
-from replicate import bench_data, bench_model, projection, speed
+from replicate import bench_data, bench_model, bench_winograd, projection, speed
 from replicate.ablate import PRESETS, run_sweep
 from replicate.config import ConfigError, apply_overrides, from_dict, to_dict
 from replicate.data.loader import prepare
@@ -203,21 +203,20 @@ def main(argv: list[str] | None = None) -> int:
         help="these ablation configs only",
     )
     ablation.set_defaults(handler=ablate_command)
-    for name, help_text in (
-        ("bench-data", "data pipeline images/s against torchvision's"),
-        ("bench", "network training and 10-crop images/s against torchvision's alexnet"),
-        ("project", "hours for 90 epochs of ILSVRC-2012 from bench and bench-data records"),
-    ):
+    # Commands with parsers of their own: the rest of the command line goes to their main().
+    own_parsers = {
+        "bench-data": (bench_data.main, "data pipeline images/s against torchvision's"),
+        "bench": (bench_model.main, "network training and 10-crop images/s against torchvision's alexnet"),
+        "bench-winograd": (bench_winograd.main, "Winograd against direct convolution on conv2-conv5"),
+        "project": (projection.main, "hours for 90 epochs of ILSVRC-2012 from bench and bench-data records"),
+    }
+    for name, (_, help_text) in own_parsers.items():
         commands.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
     speed.keep_freed_memory()  # before the first large tensor: see its docstring
     try:
-        if args.command == "bench-data":
-            return bench_data.main(rest)
-        if args.command == "bench":
-            return bench_model.main(rest)
-        if args.command == "project":
-            return projection.main(rest)
+        if args.command in own_parsers:
+            return own_parsers[args.command][0](rest)
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
         return args.handler(args)

@@ -1,8 +1,10 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +95,20 @@ def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
     for contender in record:
         assert f"   {contender:<22} min " in result.stdout
     assert "1.2x torchvision's median training rate is a step of" in result.stdout
+    # ... and per paper layer, ours summing its two columns' halves: conv1 does forward + weight
+    # gradient on 96 kernels (torchvision's 64), every other layer adds the input gradient.
+    layers = {name: contender["layers"] for name, contender in record.items()}
+    paper = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+    assert [list(per_layer) for per_layer in layers.values()] == [paper, paper]
+    assert layers["replicate (per-column)"]["conv1"]["multiply_adds"] == 2 * 2 * 96 * conv1
+    assert layers["torchvision alexnet"]["conv1"]["multiply_adds"] == 2 * 2 * 64 * conv1
+    assert layers["replicate (per-column)"]["fc8"]["multiply_adds"] == 2 * 3 * 4096 * 1000
+    for name, per_layer in layers.items():
+        assert sum(layer["multiply_adds"] for layer in per_layer.values()) == record[name]["multiply_adds"]
+        sums = [sum(times) for times in zip(*(layer["ms"] for layer in per_layer.values()), strict=True)]
+        assert sums == pytest.approx(record[name]["ms"])
+    assert "per layer, median ms (G multiply-adds/s), replicate's columns summed:" in result.stdout
+    assert re.search(r"\n     conv2 +[\d.]+ \([\d.]+\) +[\d.]+ \([\d.]+\)\n", result.stdout)
     saved = run("bench", "--report", str(saved_at))
     assert saved.returncode == 0 and "smoke: timings meaningless" in saved.stdout
 
@@ -101,7 +117,7 @@ def test_bench_commands_check_the_record_path_before_measuring(tmp_path):
     # Full-size runs (minutes), so an answer within the subprocess timeout means nothing was measured.
     not_a_folder = tmp_path / "notes.txt"
     not_a_folder.write_text("not a folder")
-    for command in ("bench", "bench-data"):
+    for command in ("bench", "bench-data", "bench-winograd"):
         wrong = run(command, "--json", str(tmp_path))
         assert wrong.returncode == 2 and f"{tmp_path} is a folder: give the file" in wrong.stderr
         wrong = run(command, "--json", str(not_a_folder / "out" / "record.json"))

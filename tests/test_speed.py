@@ -303,3 +303,12 @@ def test_the_compiled_lrn_kernel_without_a_compiler_is_a_clear_error(tmp_path):
     assert code != 0 and f"train.lrn_kernel=compiled: {reason}" in err and "Traceback" not in err, err
     assert "set train.lrn_kernel=torch" in err
     assert not list((tmp_path / "runs").rglob("*.pt"))  # no step was taken
+    probe = subprocess.run(  # bench-winograd's transforms are built by torch.compile too
+        [sys.executable, "-m", "replicate", "bench-winograd", "--json", str(tmp_path / "w.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    assert probe.returncode == 2 and "built by torch.compile, which fails here: " + reason in probe.stderr
+    assert "Traceback" not in probe.stderr and not (tmp_path / "w.json").exists()
