@@ -272,11 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the raw rates here")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI: no meaningful timing")
     args = parser.parse_args(argv)
-    if args.json:
-        try:
-            bench_records.check_writable(args.json)
-        except bench_records.RecordError as error:
-            parser.error(str(error))
+    bench_records.check_json_option(parser, args.json)
     if args.smoke:
         result = run(workers=0, repeats=1, epochs=1, limit=8, batch_size=4, steady=2)
     else:

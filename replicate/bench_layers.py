@@ -98,7 +98,7 @@ def paper_layer_names(model: nn.Module) -> dict[nn.Module, str]:
     }
 
 
-def _matrix_layers_at_work(model: nn.Module, images: torch.Tensor, precision: Precision) -> list[tuple]:
+def matrix_layers_at_work(model: nn.Module, images: torch.Tensor, precision: Precision) -> list[tuple]:
     """(paper name, layer, its input, an upstream gradient, multiply-adds of its forward + backward)
     for every Conv2d and Linear of `model`, captured from one training-mode forward pass of `images`."""
     captured: list[tuple] = []
@@ -129,7 +129,7 @@ def matrix_layer_times(
     and input gradients where its forward needs them), one layer at a time, eager, in the memory
     format and precision of its forward pass: summed milliseconds per repeat, contenders alternating,
     and the multiply-adds that work is; the same per paper layer (`layers`, ours summing its columns)."""
-    at_work = {name: _matrix_layers_at_work(model, images, precision) for name, model in models.items()}
+    at_work = {name: matrix_layers_at_work(model, images, precision) for name, model in models.items()}
     times: dict[str, dict] = {}
     for name, layers in at_work.items():
         per_layer = {paper: {"ms": [], "multiply_adds": 0} for paper, *_ in layers}

@@ -290,17 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI: no meaningful timing")
     args = parser.parse_args(argv)
-    try:
-        if args.report:
+    if args.report:
+        try:
             records = [
                 bench_records.read(path, parser.prog, bench_records.BENCH_REPORT_KEYS) for path in args.report
             ]
-            print("\n\n".join(report(record, saved=True) for record in records))
-            return 0
-        if args.json:
-            bench_records.check_writable(args.json)
-    except bench_records.RecordError as error:
-        parser.error(str(error))
+        except bench_records.RecordError as error:
+            parser.error(str(error))
+        print("\n\n".join(report(record, saved=True) for record in records))
+        return 0
+    bench_records.check_json_option(parser, args.json)
     compile_mode = args.compile or "default"
     options = Options(args.precision, args.channels_last, bool(args.compile), args.lrn_kernel, compile_mode)
     why_not = kernel_unavailable_reason(options.lrn_kernel, [torch.device(args.device)])

@@ -1,9 +1,10 @@
-"""The JSON records of `bench --json` and `bench-data --json`: checked before a benchmark starts,
+"""The JSON records of `bench`, `bench-data` and `bench-winograd --json`: checked before a benchmark starts,
 written atomically after it, and read back (`bench --report`, `project`) with errors that name the
 file and what is wrong with it instead of a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -38,6 +39,15 @@ def check_writable(path: Path) -> None:
         raise RecordError(f"cannot make the folder of {path}: {error.strerror}") from None
     if not os.access(path.parent, os.W_OK):
         raise RecordError(f"cannot write the record {path}: its folder is not writable")
+
+
+def check_json_option(parser: argparse.ArgumentParser, path: Path | None) -> None:
+    """`check_writable` for a benchmark's --json: a bad path is a usage error (exit 2) that names it."""
+    if path is not None:
+        try:
+            check_writable(path)
+        except RecordError as error:
+            parser.error(str(error))
 
 
 def write(path: Path, record: dict) -> None:

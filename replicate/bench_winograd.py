@@ -1,4 +1,4 @@
-"""`python -m replicate bench-winograd`: could fewer multiplies make the faithful net 1.2x faster?
+"""`python -m replicate bench-winograd`: could fewer multiplies take the faithful net to 1.2x torchvision's?
 
 `make bench` finds every convolution already running near this CPU's multiply-add rate, so what is
 left is doing fewer multiplies. PyTorch's CPU convolutions ask oneDNN for its direct algorithm; a
@@ -8,7 +8,8 @@ built from torch ops, against the direct convolution on the inputs the stride-1 
 get in one column of the net's forward pass: the whole Winograd forward (its input and output
 transforms fused by torch.compile, its per-frequency products as one batched matrix product), and
 the batched products alone, the bound that free transforms would reach. It is a measurement, not
-a fast path: the network never uses it (it changes the arithmetic, and it does not pay; BENCHMARKS.md).
+a fast path: the network never uses it (it changes the arithmetic, and as built here it falls short
+of what 1.2x would need; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicate import bench_records
-from replicate.bench_layers import _matrix_layers_at_work, timed
+from replicate.bench_layers import matrix_layers_at_work, timed
 from replicate.lrn import compiled_unavailable_reason
 from replicate.model import AlexNet
 
@@ -154,7 +155,7 @@ def stride_one_layers(batch: int) -> dict[str, tuple[nn.Conv2d, torch.Tensor]]:
     torch.manual_seed(0)
     images = torch.rand(batch, 3, 224, 224) * 255 - 128  # paper-scale pixels, as `bench` uses
     layers = {}
-    for name, layer, inputs, *_ in _matrix_layers_at_work(AlexNet(), images, "fp32"):
+    for name, layer, inputs, *_ in matrix_layers_at_work(AlexNet(), images, "fp32"):
         if isinstance(layer, nn.Conv2d) and layer.stride == (1, 1) and name not in layers:
             layers[name] = (layer, inputs.detach())
     return layers
@@ -168,8 +169,8 @@ def run(batch: int, repeats: int, compiled: bool = True) -> dict:
     """Per layer and tile size: forward milliseconds of the direct convolution (the layer itself, in
     the net's layout), the Winograd one and its batched products alone, alternating; then each one's
     largest error against the convolution in float64, relative to the largest output. The errors
-    come after all the timing: the float64 copies otherwise leave the heap in a state in which the
-    direct convolutions measured up to 1.6x slower."""
+    come after all the timing: made first, the float64 copies left the heap in a state in which the
+    direct convolutions ran far slower than in a fresh process, and the comparison was unfair."""
     layers = stride_one_layers(batch)
     results: dict[str, dict] = {}
     convs: dict[str, list[tuple[str, WinogradConv, torch.Tensor]]] = {}
@@ -256,11 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the timings here")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI: no meaningful timing")
     args = parser.parse_args(argv)
-    try:
-        if args.json:
-            bench_records.check_writable(args.json)
-    except bench_records.RecordError as error:
-        parser.error(str(error))
+    bench_records.check_json_option(parser, args.json)
     why_not = compiled_unavailable_reason([torch.device("cpu")])
     if why_not:
         parser.error(f"its transforms are built by torch.compile, which fails here: {why_not}")
