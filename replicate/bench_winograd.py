@@ -258,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI: no meaningful timing")
     args = parser.parse_args(argv)
     bench_records.check_json_option(parser, args.json)
-    why_not = compiled_unavailable_reason([torch.device("cpu")])
-    if why_not:
-        parser.error(f"its transforms are built by torch.compile, which fails here: {why_not}")
-    # smoke: the transforms not compiled (minutes of building for seconds of running)
-    result = run(2, 1, compiled=False) if args.smoke else run(args.batch, args.repeats)
+    if args.smoke:  # the transforms not compiled (minutes of building for seconds of running)
+        result = run(2, 1, compiled=False)
+    else:
+        why_not = compiled_unavailable_reason([torch.device("cpu")])
+        if why_not:
+            parser.error(f"its transforms are built by torch.compile, which fails here: {why_not}")
+        result = run(args.batch, args.repeats)
     print(report(result) + (" (smoke: transforms not compiled, timings meaningless)" if args.smoke else ""))
     if args.json:
         bench_records.write(args.json, result)
