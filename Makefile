@@ -49,12 +49,13 @@ report: $(STAMP)
 prepare: $(STAMP)
 	$(PY) -m replicate prepare experiments/baseline.yaml $(if $(DATA),data.root=$(DATA) data.dataset=ilsvrc2012)
 
-# The network's training and 10-crop images/s against torchvision's alexnet (BENCHMARKS.md), with
-# the default LRN and with the LRN as kernels fused by torch.compile (train.lrn_kernel=compiled);
-# then whether Winograd convolutions (fewer multiplies) could close the gap.
+# The network's training and 10-crop images/s against torchvision's alexnet (BENCHMARKS.md): every
+# default; the LRN as kernels fused by torch.compile (train.lrn_kernel=compiled); that and conv2-conv5
+# by Winograd (train.conv_algorithm=winograd); then Winograd against direct convolution layer by layer.
 bench: $(STAMP)
 	$(PY) -m replicate bench
 	$(PY) -m replicate bench --lrn-kernel compiled
+	$(PY) -m replicate bench --lrn-kernel compiled --conv-algorithm winograd
 	$(PY) -m replicate bench-winograd
 
 # Data pipeline images/s against a plain torchvision pipeline (BENCHMARKS.md).

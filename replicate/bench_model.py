@@ -40,6 +40,7 @@ from replicate.speed import (
     set_precision,
     speed_up,
 )
+from replicate.winograd import ConvAlgorithm, conv_algorithm_unavailable_reason, use_winograd
 
 
 def multiply_adds(model: nn.Module, side: int = 224) -> int:
@@ -75,12 +76,14 @@ class Options:
     compile: bool = False
     lrn_kernel: LRNKernel = "torch"  # replicate's nets only: torchvision's has no LRN
     compile_mode: CompileMode = "default"
+    conv_algorithm: ConvAlgorithm = "direct"  # replicate's per-column net only, as `train.conv_algorithm`
 
     def __str__(self) -> str:
         text = f"precision {self.precision}; channels_last {self.channels_last}; compile {self.compile}"
         if self.compile_mode != "default":
             text += f" ({self.compile_mode})"
-        return text + (f"; lrn_kernel {self.lrn_kernel}" if self.lrn_kernel != "torch" else "")
+        text += f"; lrn_kernel {self.lrn_kernel}" if self.lrn_kernel != "torch" else ""
+        return text + (f"; conv_algorithm {self.conv_algorithm}" if self.conv_algorithm != "direct" else "")
 
 
 def contenders(device: torch.device, options: Options) -> dict[str, tuple[nn.Module, nn.Module]]:
@@ -93,6 +96,8 @@ def contenders(device: torch.device, options: Options) -> dict[str, tuple[nn.Mod
     }
     for name in (FUSED, PER_COLUMN):
         use_lrn_kernel(models[name], options.lrn_kernel)
+    if options.conv_algorithm == "winograd":  # the fused path calls F.conv2d itself
+        use_winograd(models[PER_COLUMN])
     return {
         name: (
             model.to(device),
@@ -282,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         help="replicate's LRN layers: torch ops, torch.compile's fused kernels, or Triton ones (CUDA)",
     )
     parser.add_argument(
+        "--conv-algorithm",
+        choices=["direct", "winograd"],
+        default="direct",
+        help="replicate's stride-1 convolutions: the backend's (direct on the CPU), or Winograd (CPU)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="also print a profile of each contender's step"
     )
     parser.add_argument("--json", type=Path, help="also write the raw rates here")
@@ -301,12 +312,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bench_records.check_json_option(parser, args.json)
     compile_mode = args.compile or "default"
-    options = Options(args.precision, args.channels_last, bool(args.compile), args.lrn_kernel, compile_mode)
+    options = Options(
+        args.precision,
+        args.channels_last,
+        bool(args.compile),
+        args.lrn_kernel,
+        compile_mode,
+        args.conv_algorithm,
+    )
     why_not = kernel_unavailable_reason(options.lrn_kernel, [torch.device(args.device)])
     if options.lrn_kernel == "triton":
         why_not = why_not or setting_conflict(options.compile, options.channels_last)
     if why_not:
         parser.error(f"--lrn-kernel {options.lrn_kernel}: {why_not}")
+    why_not = conv_algorithm_unavailable_reason(options.conv_algorithm, [torch.device(args.device)])
+    if why_not:
+        parser.error(f"--conv-algorithm {options.conv_algorithm}: {why_not}")
     kept = keep_freed_memory()  # as every `python -m replicate` command does; applies to all contenders
     if args.smoke:
         result = run(torch.device("cpu"), batch=2, repeats=1, steps=1, options=Options(channels_last=True))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicate.lrn_triton import fused_response_norm, unavailable_reason
+from replicate.speed import compile_failure
 
 LRNRule = Literal["paper", "code2012", "off"]
 LRNKernel = Literal["torch", "compiled", "triton"]
@@ -122,18 +123,14 @@ def _compiled(function):
 def compiled_unavailable_reason(devices: list[torch.device]) -> str | None:
     """Why torch.compile cannot build the LRN's kernels on `devices` (no C++ compiler on the CPU, say),
     or None: tries it once per device on a few numbers, so that a run fails before its first step."""
-    from torch._dynamo.exc import TorchDynamoException
-
     for device in devices:
         maps = torch.rand(1, 5, 2, 2, device=device, requires_grad=True)
-        try:
-            torch.autograd.grad(
+        why = compile_failure(
+            lambda maps=maps: torch.autograd.grad(
                 _CompiledResponseNormFunction.apply(maps, 5, 1e-4, 0.75, 2.0, True).sum(), maps
             )
-        except TorchDynamoException as error:
-            cause = getattr(error, "inner_exception", None) or error  # the compiler's own error
-            first = next((line for line in str(cause).splitlines() if line.strip()), "")
-            why = f"{type(cause).__name__}: {first}"
+        )
+        if why:
             return f"torch.compile could not build the LRN's kernels on {device} ({why})"
     return None
 

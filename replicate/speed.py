@@ -94,3 +94,18 @@ def begin_step(compile_mode: CompileMode) -> None:
     (torch.compiler.cudagraph_mark_step_begin)."""
     if compile_mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()
+
+
+def compile_failure(attempt) -> str | None:
+    """None if `attempt()`, which builds something with torch.compile, runs; else the compiler's own
+    error in one line ("InvalidCxxCompiler: No working C++ compiler found ..."), so that a run can
+    name it before its first step."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    try:
+        attempt()
+    except TorchDynamoException as error:
+        cause = getattr(error, "inner_exception", None) or error
+        first = next((line for line in str(cause).splitlines() if line.strip()), "")
+        return f"{type(cause).__name__}: {first}"
+    return None

@@ -50,6 +50,7 @@ from replicate.speed import (
     speed_up,
 )
 from replicate.tracking import Tracker, environment, write_json
+from replicate.winograd import ConvAlgorithm, conv_algorithm_unavailable_reason, use_winograd
 
 
 @dataclass
@@ -74,6 +75,8 @@ class TrainConfig(Section):
     fused_columns: bool = False  # both columns in one tensor (grouped convs): faster only compiled
     # compiled: the LRN as kernels fused by torch.compile; triton: hand-written kernels, GPU only (lrn_triton)
     lrn_kernel: LRNKernel = "torch"
+    # winograd: conv2-conv5 by Winograd's algorithm, fewer multiplies, another rounding (CPU; winograd.py)
+    conv_algorithm: ConvAlgorithm = "direct"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,6 +90,12 @@ class TrainConfig(Section):
         conflict = setting_conflict(self.compile, self.channels_last)
         if self.lrn_kernel == "triton" and conflict:
             raise ConfigError(f"lrn_kernel=triton {conflict}, or lrn_kernel=torch")
+        if self.conv_algorithm == "winograd" and (self.compile or self.fused_columns):
+            # its transforms are compiled on their own; the fused path calls F.conv2d itself
+            raise ConfigError(
+                "conv_algorithm=winograd needs compile=false and fused_columns=false, "
+                "or conv_algorithm=direct"
+            )
 
 
 class TrainingError(RuntimeError):
@@ -183,6 +192,13 @@ class Trainer:
                     f"train.lrn_kernel={train.lrn_kernel}: {why_not}; set train.lrn_kernel=torch"
                 )
             use_lrn_kernel(self.model, train.lrn_kernel)
+        if train.conv_algorithm != "direct":
+            why_not = conv_algorithm_unavailable_reason(train.conv_algorithm, self.devices)
+            if why_not:
+                raise ConfigError(
+                    f"train.conv_algorithm={train.conv_algorithm}: {why_not}; set train.conv_algorithm=direct"
+                )
+            use_winograd(self.model)
         set_precision(train.precision)
         torch.backends.cudnn.benchmark = not train.deterministic  # fastest algorithms for these shapes
         self.optimizer: PaperSGD = paper_optimizer(self.model, config.optim)

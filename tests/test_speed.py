@@ -1,6 +1,6 @@
 """Every fast path against the reference path: channels-last, bf16 autocast, torch.compile, TF32,
-the compiled LRN kernel, the fused columns on a GPU, and a training run with the options on (issue:
-performance)."""
+the compiled LRN kernel, Winograd convolutions, the fused columns on a GPU, and training runs with
+the options on (issue: performance)."""
 
 import json
 import os
@@ -22,6 +22,7 @@ from replicate.speed import (
     set_precision,
     speed_up,
 )
+from replicate.winograd import conv_algorithm_unavailable_reason, use_winograd
 from tests.conftest import write_image_tree
 from tests.test_train import train
 
@@ -130,6 +131,31 @@ def test_the_compiled_lrn_kernel_computes_the_same_function(fused):
         assert relative(grad, ref_grads[name]) < 1e-4, name
 
 
+def test_the_winograd_convolutions_compute_the_same_function():
+    # train.conv_algorithm=winograd: conv2-conv5 of both columns, transforms built by torch.compile
+    reference, _, images, labels = pair(dropout="off")
+    fast = AlexNet(10, fused=False, dropout="off")
+    fast.load_state_dict(reference.state_dict())
+    assert use_winograd(fast) == [f"columns.{c}.convs.conv{i}.0" for c in (0, 1) for i in (2, 3, 4, 5)]
+    assert list(fast.state_dict()) == list(reference.state_dict())  # checkpoints load either way
+    logits, grads = step(fast, fast, images, labels)
+    ref_logits, ref_grads = step(reference, reference, images, labels)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        assert relative(grad, ref_grads[name]) < 1e-4, name
+
+
+def test_winograd_is_refused_where_it_would_not_run(tmp_path):
+    assert "runs on the CPU only, not on cuda:0" in conv_algorithm_unavailable_reason(
+        "winograd", [torch.device("cpu"), torch.device("cuda:0")]
+    )
+    assert conv_algorithm_unavailable_reason("direct", [torch.device("cuda:0")]) is None
+    for other in ("train.compile=true", "train.fused_columns=true"):
+        code, _, err = train(tmp_path, "train.conv_algorithm=winograd", other)
+        assert code != 0 and "conv_algorithm=winograd needs compile=false and fused_columns=false" in err
+        assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("variant", [{}, {"lrn1_before_relu": True}])
 def test_the_compiled_lrn_kernel_takes_in_the_relu_before_it_and_gives_it_back(variant):
     model = AlexNet(10, **variant)
@@ -196,6 +222,14 @@ def test_a_run_with_every_speed_option_trains_and_evaluates(tmp_path):
     assert (run / "evaluation.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
     code, _, err = train(tmp_path / "bad", "train.precision=fp16")
     assert code != 0 and "precision" in err and "fp16" in err
+
+
+@pytest.mark.slow
+def test_a_run_with_winograd_convolutions_trains_and_evaluates(tmp_path):
+    code, _, err = train(tmp_path, "train.max_steps=2", "train.conv_algorithm=winograd")
+    assert code == 0, err
+    run = tmp_path / "baseline" / "seed0"
+    assert (run / "evaluation.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
 
 
 @needs_gpu
@@ -276,9 +310,10 @@ def test_kept_freed_memory_is_reused_without_new_page_faults():
     assert faults_kept < faults_default / 4
 
 
-def test_the_compiled_lrn_kernel_without_a_compiler_is_a_clear_error(tmp_path):
-    """Where torch.compile cannot build the kernels (here: no C++ compiler, and a cache of its own so
-    that no earlier build is reused), `bench` and `train` stop before their first step, saying so."""
+def test_the_compiled_kernels_without_a_compiler_are_a_clear_error(tmp_path):
+    """Where torch.compile cannot build the LRN's kernels or Winograd's transforms (here: no C++
+    compiler, and a cache of its own so that no earlier build is reused), `bench`, `bench-winograd`
+    and `train` stop before their first step, saying so."""
     env = {"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     bench = subprocess.run(
         [
@@ -303,12 +338,18 @@ def test_the_compiled_lrn_kernel_without_a_compiler_is_a_clear_error(tmp_path):
     assert code != 0 and f"train.lrn_kernel=compiled: {reason}" in err and "Traceback" not in err, err
     assert "set train.lrn_kernel=torch" in err
     assert not list((tmp_path / "runs").rglob("*.pt"))  # no step was taken
-    probe = subprocess.run(  # bench-winograd's transforms are built by torch.compile too
-        [sys.executable, "-m", "replicate", "bench-winograd", "--json", str(tmp_path / "w.json")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-    )
-    assert probe.returncode == 2 and "built by torch.compile, which fails here: " + reason in probe.stderr
-    assert "Traceback" not in probe.stderr and not (tmp_path / "w.json").exists()
+    # Winograd's transforms are built by torch.compile too: bench, bench-winograd and train
+    reason = "torch.compile could not build its transforms (InvalidCxxCompiler: No working C++"
+    for command in (["bench", "--conv-algorithm", "winograd"], ["bench-winograd"]):
+        probe = subprocess.run(
+            [sys.executable, "-m", "replicate", *command, "--json", str(tmp_path / "w.json")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, **env},
+        )
+        assert probe.returncode == 2 and reason in probe.stderr, (command, probe.stderr)
+        assert "Traceback" not in probe.stderr and not (tmp_path / "w.json").exists()
+    code, _, err = train(tmp_path / "runs", "train.conv_algorithm=winograd", env=env)
+    assert code != 0 and f"train.conv_algorithm=winograd: {reason}" in err and "Traceback" not in err, err
+    assert "set train.conv_algorithm=direct" in err and not list((tmp_path / "runs").rglob("*.pt"))

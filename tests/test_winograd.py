@@ -1,4 +1,5 @@
-"""The Winograd probe of `bench-winograd` (replicate/bench_winograd.py) computes the convolution."""
+"""The Winograd convolution (replicate/winograd.py) that `bench-winograd` times computes the convolution
+and its gradients."""
 
 import json
 import random
@@ -11,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from replicate.bench_winograd import WinogradConv, winograd_matrices
+from replicate.bench_winograd import TILES
+from replicate.winograd import WinogradConv, channels_last_view, winograd_matrices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,21 +45,57 @@ def test_winograd_convolution_equals_conv2d(m, r, padding, side):
     images = torch.randn(3, 7, side, side, dtype=torch.float64)
     weight, bias = torch.randn(5, 7, r, r, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     conv = WinogradConv(m, r, padding, compiled=False)
-    out = conv(images.permute(0, 2, 3, 1).contiguous(), conv.kernel_transform(weight), bias)
+    out = conv.forward_nhwc(channels_last_view(images), conv.kernel_transform(weight), bias)
     exact = F.conv2d(images, weight, bias, padding=padding)
     torch.testing.assert_close(out.permute(0, 3, 1, 2), exact, rtol=1e-10, atol=1e-10)
 
 
+def _gradients(conv, images, weight, bias, upstream):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (images, weight, bias)]
+    out = conv(*leaves)
+    return (out, *torch.autograd.grad(out, leaves, upstream))
+
+
+@pytest.mark.parametrize(
+    ("m", "r", "padding", "side"),
+    # "same" layers as in the net, where the input gradient reuses the convolution itself, and
+    # unpadded or over-padded ones, where it is a second convolution padded r - 1 - padding
+    [(4, 3, 1, 13), (2, 3, 1, 6), (3, 5, 2, 27), (2, 3, 0, 9), (2, 3, 2, 7), (3, 5, 0, 12)],
+)
+def test_winograd_gradients_equal_conv2d(m, r, padding, side):
+    torch.manual_seed(1)
+    images = torch.randn(2, 6, side, side, dtype=torch.float64)
+    weight, bias = torch.randn(4, 6, r, r, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    side_out = side + 2 * padding - r + 1
+    upstream = torch.randn(2, 4, side_out, side_out, dtype=torch.float64)
+    ours = _gradients(WinogradConv(m, r, padding, compiled=False), images, weight, bias, upstream)
+    exact = _gradients(lambda x, w, b: F.conv2d(x, w, b, padding=padding), images, weight, bias, upstream)
+    for what, got, expected in zip(("output", "input", "weight", "bias"), ours, exact, strict=True):
+        assert got.shape == expected.shape, what
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=what)
+
+
 def test_compiled_transforms_compute_the_same_in_float32():
-    # what the probe times: F(4x4, 3x3) on conv3-like maps, the transforms built by torch.compile
+    # what the probe times: F(4x4, 3x3) on conv3-like maps, the transforms built by torch.compile,
+    # forward and forward + backward
     torch.manual_seed(0)
     images, weight, bias = torch.randn(2, 16, 13, 13), torch.randn(8, 16, 3, 3), torch.randn(8)
-    nhwc = images.permute(0, 2, 3, 1).contiguous()
+    nhwc = channels_last_view(images)
     eager, compiled = WinogradConv(4, 3, 1, compiled=False), WinogradConv(4, 3, 1)
-    out = compiled(nhwc, compiled.kernel_transform(weight), bias)
-    torch.testing.assert_close(out, eager(nhwc, eager.kernel_transform(weight), bias), rtol=1e-5, atol=1e-5)
+    out = compiled.forward_nhwc(nhwc, compiled.kernel_transform(weight), bias)
+    expected = eager.forward_nhwc(nhwc, eager.kernel_transform(weight), bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     exact = F.conv2d(images.double(), weight.double(), bias.double(), padding=1)
     torch.testing.assert_close(out.permute(0, 3, 1, 2).double(), exact, rtol=1e-4, atol=1e-4)
+    upstream = torch.randn(2, 8, 13, 13)
+    got = _gradients(compiled, images, weight, bias, upstream)
+    for what, value, reference in zip(
+        ("output", "input", "weight", "bias"),
+        got,
+        _gradients(eager, images, weight, bias, upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-4, msg=what)
 
 
 def test_bench_winograd_smoke_mode_runs(tmp_path):
@@ -70,6 +108,8 @@ def test_bench_winograd_smoke_mode_runs(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
+    forward, training = result.stdout.split("forward + backward (gradients of input, weights and bias")
+    assert "forward only" in forward
     for line in (
         "conv2 (48 -> 128, 27 x 27, 5 x 5): direct median",
         "conv3 (256 -> 192, 13 x 13, 3 x 3): direct median",
@@ -78,11 +118,18 @@ def test_bench_winograd_smoke_mode_runs(tmp_path):
         "F(4,3): median",
         "all 4 layers, the faster tile each: direct",
     ):
-        assert line in result.stdout
+        assert line in forward and line in training
+    assert "max error of the input gradient" in training
     record = json.loads(saved_at.read_text())
     assert list(record["layers"]) == ["conv2", "conv3", "conv4", "conv5"]
     for entry in record["layers"].values():  # the net's own activations, float32
-        assert entry["direct"]["error"] < 1e-5
-        assert all(
-            entry[tile]["error"] < 1e-4 for tile in entry if tile.startswith("F(") and "products" not in tile
-        )
+        forward, training = entry["forward"], entry["training"]
+        tiles = [f"F({m},{entry['shape'][3]})" for m in TILES[entry["shape"][3]]]
+        assert set(forward) == set(training) == {"direct", *tiles, *(f"{tile} products" for tile in tiles)}
+        assert forward["direct"]["error"] < 1e-5 and max(training["direct"]["gradient_errors"]) < 1e-5
+        for tile in (key for key in forward if key.startswith("F(") and "products" not in key):
+            assert forward[tile]["error"] < 1e-4
+            assert (
+                len(training[tile]["gradient_errors"]) == 2 and max(training[tile]["gradient_errors"]) < 1e-4
+            )
+            assert len(training[tile]["ms"]) == len(training["direct"]["ms"]) == 1
