@@ -28,6 +28,11 @@ Matrix = list[list[Fraction]]
 # rounds about as the direct convolution does and is as fast as F(4x4, 3x3) on 13 x 13 maps, and
 # F(3x3, 5x5) tiles conv2's 27 x 27 maps exactly (`bench-winograd` times the others).
 NETWORK_TILES = {3: 2, 5: 3}
+# From this tile size n on, the input transform runs as two kernels, B^T over the rows and then B over
+# the columns, with the rows' result in memory between them. On F(3x3, 5x5)'s 7 x 7 tiles that took
+# half the time of the one kernel torch.compile fuses (conv2's maps, this repo's 2-core CPU); on
+# F(2x2, 3x3)'s 4 x 4 tiles, twice the time.
+TWO_PASS_INPUT_TRANSFORM = 7
 # The interpolation points of Toom-Cook, in the order that keeps the transforms' numbers small;
 # the point at infinity is always added.
 POINTS = (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2), Fraction(-1, 2))
@@ -134,6 +139,9 @@ class WinogradConv:
         self.gg = torch.kron(g_matrix, g_matrix)  # (n^2, r^2): the kernel transform G g G^T, flattened
         build = _compiled if compiled else (lambda f: f)
         self.input_transform = build(self._input_transform)
+        if self.n >= TWO_PASS_INPUT_TRANSFORM:
+            rows, columns = build(self._input_rows), build(self._input_columns)
+            self.input_transform = lambda x, tiles_h, tiles_w: columns(rows(x, tiles_h, tiles_w), tiles_w)
         self.output_transform = build(self._output_transform)
         self.output_transform_adjoint = build(self._output_transform_adjoint)
         # The input gradient of a stride-1 convolution is the convolution of the output gradient with
@@ -160,6 +168,21 @@ class WinogradConv:
             [padded[:, i : i + m * tiles_h : m, j : j + m * tiles_w : m] for j in range(n)] for i in range(n)
         ]
         return torch.stack(_sandwich(self.bt, d))
+
+    def _input_rows(self, x: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
+        """B^T over the rows of every tile row: (n, N, tiles_h, padded width, C)."""
+        m, n, height, width = self.m, self.n, x.shape[1], x.shape[2]
+        after_h = m * tiles_h + self.r - 1 - self.padding - height
+        after_w = m * tiles_w + self.r - 1 - self.padding - width
+        padded = F.pad(x, (0, 0, self.padding, after_w, self.padding, after_h))
+        return torch.stack(_combine(self.bt, [padded[:, i : i + m * tiles_h : m] for i in range(n)]))
+
+    def _input_columns(self, rows: torch.Tensor, tiles_w: int) -> torch.Tensor:
+        """Then B over the columns: `_input_transform`'s result, in two passes."""
+        m, n = self.m, self.n
+        columns = [rows[:, :, :, j : j + m * tiles_w : m] for j in range(n)]
+        out = torch.stack(_combine(self.bt, columns), 1)  # (n, n, N, tiles_h, tiles_w, C)
+        return out.view(n * n, *out.shape[2:])
 
     def _output_transform(
         self, products: torch.Tensor, bias: torch.Tensor | None, height: int, width: int
@@ -224,6 +247,8 @@ class _WinogradFunction(torch.autograd.Function):
         out, transformed = conv._forward(channels_last_view(x), conv.kernel_transform(weight), bias)
         ctx.save_for_backward(weight, transformed)
         ctx.conv = conv
+        # Channels-last strides, not copied to NCHW: the net's max-pooling works in channels-last
+        # anyway, and with the copy the step measured slower (BENCHMARKS.md).
         return out.permute(0, 3, 1, 2)
 
     @staticmethod

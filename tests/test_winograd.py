@@ -13,7 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from replicate.bench_winograd import TILES
-from replicate.winograd import WinogradConv, channels_last_view, winograd_matrices
+from replicate.winograd import (
+    TWO_PASS_INPUT_TRANSFORM,
+    WinogradConv,
+    channels_last_view,
+    winograd_matrices,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,6 +78,17 @@ def test_winograd_gradients_equal_conv2d(m, r, padding, side):
     for what, got, expected in zip(("output", "input", "weight", "bias"), ours, exact, strict=True):
         assert got.shape == expected.shape, what
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=what)
+
+
+def test_the_two_pass_input_transform_equals_the_one_pass_one():
+    # F(3x3, 5x5)'s 7 x 7 tiles: rows, then columns, as two kernels (TWO_PASS_INPUT_TRANSFORM)
+    conv = WinogradConv(3, 5, 2, compiled=False)
+    assert conv.n >= TWO_PASS_INPUT_TRANSFORM
+    x = channels_last_view(torch.randn(2, 5, 11, 11))
+    tiles = conv.tiles(11, 11)
+    torch.testing.assert_close(
+        conv.input_transform(x, *tiles), conv._input_transform(x, *tiles), rtol=0, atol=0
+    )
 
 
 def test_compiled_transforms_compute_the_same_in_float32():
