@@ -25,7 +25,7 @@ from replicate.speed import compile_failure
 ConvAlgorithm = Literal["direct", "winograd"]
 Matrix = list[list[Fraction]]
 # The tile m of F(m x m, r x r) that `use_winograd` gives a layer with r x r kernels: F(2x2, 3x3)
-# rounds about as the direct convolution does and is as fast as F(4x4, 3x3) on 13 x 13 maps, and
+# rounds about as the direct convolution does and runs within 5% of F(4x4, 3x3) on 13 x 13 maps, and
 # F(3x3, 5x5) tiles conv2's 27 x 27 maps exactly (`bench-winograd` times the others).
 NETWORK_TILES = {3: 2, 5: 3}
 # From this tile size n on, the input transform runs as two kernels, B^T over the rows and then B over
@@ -138,10 +138,11 @@ class WinogradConv:
         g_matrix = torch.tensor([[float(v) for v in row] for row in g], dtype=torch.float64)
         self.gg = torch.kron(g_matrix, g_matrix)  # (n^2, r^2): the kernel transform G g G^T, flattened
         build = _compiled if compiled else (lambda f: f)
-        self.input_transform = build(self._input_transform)
         if self.n >= TWO_PASS_INPUT_TRANSFORM:
             rows, columns = build(self._input_rows), build(self._input_columns)
             self.input_transform = lambda x, tiles_h, tiles_w: columns(rows(x, tiles_h, tiles_w), tiles_w)
+        else:
+            self.input_transform = build(self._input_transform)
         self.output_transform = build(self._output_transform)
         self.output_transform_adjoint = build(self._output_transform_adjoint)
         # The input gradient of a stride-1 convolution is the convolution of the output gradient with
@@ -158,12 +159,15 @@ class WinogradConv:
         """How many m x m output tiles cover a height x width output."""
         return -(-height // self.m), -(-width // self.m)
 
+    def _padded(self, x: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
+        """The (N, H, W, C) input zero-padded by `padding`, and after it to whole tiles."""
+        after_h = self.m * tiles_h + self.r - 1 - self.padding - x.shape[1]
+        after_w = self.m * tiles_w + self.r - 1 - self.padding - x.shape[2]
+        return F.pad(x, (0, 0, self.padding, after_w, self.padding, after_h))
+
     def _input_transform(self, x: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
         """B^T d B for every (n x n) input tile, tiles m apart: (n^2, N, tiles_h, tiles_w, C)."""
-        m, n, height, width = self.m, self.n, x.shape[1], x.shape[2]
-        after_h = m * tiles_h + self.r - 1 - self.padding - height
-        after_w = m * tiles_w + self.r - 1 - self.padding - width
-        padded = F.pad(x, (0, 0, self.padding, after_w, self.padding, after_h))
+        m, n, padded = self.m, self.n, self._padded(x, tiles_h, tiles_w)
         d = [
             [padded[:, i : i + m * tiles_h : m, j : j + m * tiles_w : m] for j in range(n)] for i in range(n)
         ]
@@ -171,10 +175,7 @@ class WinogradConv:
 
     def _input_rows(self, x: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
         """B^T over the rows of every tile row: (n, N, tiles_h, padded width, C)."""
-        m, n, height, width = self.m, self.n, x.shape[1], x.shape[2]
-        after_h = m * tiles_h + self.r - 1 - self.padding - height
-        after_w = m * tiles_w + self.r - 1 - self.padding - width
-        padded = F.pad(x, (0, 0, self.padding, after_w, self.padding, after_h))
+        m, n, padded = self.m, self.n, self._padded(x, tiles_h, tiles_w)
         return torch.stack(_combine(self.bt, [padded[:, i : i + m * tiles_h : m] for i in range(n)]))
 
     def _input_columns(self, rows: torch.Tensor, tiles_w: int) -> torch.Tensor:
