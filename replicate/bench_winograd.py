@@ -76,6 +76,16 @@ def _gradients(conv, x: torch.Tensor, layer: nn.Conv2d, upstream: torch.Tensor) 
     return torch.autograd.grad(conv(x, layer.weight, layer.bias), (x, layer.weight, layer.bias), upstream)
 
 
+def _direct(layer: nn.Conv2d):
+    """oneDNN's direct convolution with the layer's padding, called as conv(x, weight, bias)."""
+    return partial(F.conv2d, padding=layer.padding)
+
+
+def _gradient_errors(grads: tuple[torch.Tensor, ...], exact: tuple[torch.Tensor, ...]) -> list[float]:
+    """The input and weight gradients' largest errors against their float64 values."""
+    return [relative_error(g, e) for g, e in zip(grads[:2], exact, strict=True)]
+
+
 def _batched_products(pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> list[torch.Tensor]:
     return [torch.bmm(*pair) for pair in pairs]
 
@@ -86,7 +96,7 @@ def _training_contenders(
     """Forward + backward: the layer (oneDNN's direct passes) and each Winograd convolution (its
     autograd function, NCHW in and out as in the net), and the latter's three batched products
     alone: the forward's, the weight gradient's and the input gradient's."""
-    contenders = {"direct": partial(_gradients, partial(F.conv2d, padding=layer.padding), x, layer, upstream)}
+    contenders = {"direct": partial(_gradients, _direct(layer), x, layer, upstream)}
     with torch.no_grad():
         for tile, conv in convs.items():
             contenders[tile] = partial(_gradients, conv, x, layer, upstream)
@@ -155,25 +165,22 @@ def _record_errors(
     the input and weight gradients of forward + backward."""
     x64 = inputs.double().requires_grad_(True)
     w64, b64 = layer.weight.double(), layer.bias.double()
-    exact = F.conv2d(x64, w64, b64, padding=layer.padding)
+    exact = _direct(layer)(x64, w64, b64)
     exact_grads = torch.autograd.grad(exact, (x64, w64), upstream.double())
     x = inputs.clone().requires_grad_(True)
     with torch.no_grad():
         entry["forward"]["direct"]["error"] = relative_error(layer(inputs), exact)
-    grads = _gradients(partial(F.conv2d, padding=layer.padding), x, layer, upstream)
-    entry["training"]["direct"]["gradient_errors"] = [
-        relative_error(g, e) for g, e in zip(grads[:2], exact_grads, strict=True)
-    ]
+    grads = _gradients(_direct(layer), x, layer, upstream)
+    entry["training"]["direct"]["gradient_errors"] = _gradient_errors(grads, exact_grads)
     for tile, conv in convs.items():
         with torch.no_grad():
             out = conv.forward_nhwc(
                 channels_last_view(inputs), conv.kernel_transform(layer.weight), layer.bias
             )
         entry["forward"][tile]["error"] = relative_error(out.permute(0, 3, 1, 2), exact)
-        grads = _gradients(conv, x, layer, upstream)
-        entry["training"][tile]["gradient_errors"] = [
-            relative_error(g, e) for g, e in zip(grads[:2], exact_grads, strict=True)
-        ]
+        entry["training"][tile]["gradient_errors"] = _gradient_errors(
+            _gradients(conv, x, layer, upstream), exact_grads
+        )
 
 
 def _section(lines: list[str], result: dict, part: str, title: str) -> None:
