@@ -96,6 +96,25 @@ def begin_step(compile_mode: CompileMode) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
+# How many shapes (and layouts, and training/evaluation variants) one `compiled_kernel` is built for
+# before dynamo stops compiling it and runs the plain torch ops instead: its default of 8 was reached in
+# one `make bench` process (training, 10-crop and layer-bench shapes of the LRN), silently.
+COMPILED_SHAPES = 64
+
+
+def compiled_kernel(function):
+    """torch.compile(function), built once per input shape and layout (dynamic=False: fixed sizes
+    vectorise best), up to COMPILED_SHAPES builds. For the small functions that this repo fuses into
+    one or two kernels each (the LRN's, Winograd's transforms), not for a whole model (`speed_up`)."""
+    compiled = torch.compile(function, dynamic=False)
+
+    def call(*args):
+        with torch._dynamo.config.patch(cache_size_limit=COMPILED_SHAPES):
+            return compiled(*args)
+
+    return call
+
+
 def compile_failure(attempt) -> str | None:
     """None if `attempt()`, which builds something with torch.compile, runs; else the compiler's own
     error in one line ("InvalidCxxCompiler: No working C++ compiler found ..."), so that a run can

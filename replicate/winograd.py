@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicate.speed import compile_failure
+from replicate.speed import compile_failure, compiled_kernel
 
 # `train.conv_algorithm`: direct leaves every convolution to the backend (oneDNN's direct algorithm on
 # the CPU, cuDNN's choice on a GPU); winograd runs the stride-1 ones by `WinogradConv` (CPU only).
@@ -105,19 +105,6 @@ def _sandwich(matrix: Matrix, terms: list[list[torch.Tensor]]) -> list[torch.Ten
     ]
 
 
-def _compiled(function):
-    """torch.compile'd `function`, allowed more than dynamo's default of 8 builds: it needs one per
-    input shape and WinogradConv (activations and gradients of several layers, training and
-    evaluation batches)."""
-    compiled = torch.compile(function, dynamic=False)
-
-    def call(*args):
-        with torch._dynamo.config.patch(cache_size_limit=64):
-            return compiled(*args)
-
-    return call
-
-
 def channels_last_view(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) images as an (N, H, W, C) contiguous tensor, copied only if not channels-last already."""
     return images.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
@@ -137,7 +124,7 @@ class WinogradConv:
         self.at, g, self.bt = winograd_matrices(m, r)
         g_matrix = torch.tensor([[float(v) for v in row] for row in g], dtype=torch.float64)
         self.gg = torch.kron(g_matrix, g_matrix)  # (n^2, r^2): the kernel transform G g G^T, flattened
-        build = _compiled if compiled else (lambda f: f)
+        build = compiled_kernel if compiled else (lambda f: f)
         if self.n >= TWO_PASS_INPUT_TRANSFORM:
             rows, columns = build(self._input_rows), build(self._input_columns)
             self.input_transform = lambda x, tiles_h, tiles_w: columns(rows(x, tiles_h, tiles_w), tiles_w)

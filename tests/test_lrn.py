@@ -146,20 +146,52 @@ def test_cpu_window_sum_stays_in_float32_under_bf16_autocast():
 
 @pytest.mark.parametrize(
     ("layout", "device"),
-    [("contiguous", "cpu"), ("channels_last", "cpu"), ("columns_view", "cpu"), ("contiguous", "cuda")],
+    [
+        ("contiguous", "cpu"),
+        ("channels_last", "cpu"),
+        ("channels_last, many maps", "cpu"),  # _window_sum_innermost
+        ("columns_view", "cpu"),
+        ("contiguous", "cuda"),
+    ],
 )
 def test_compiled_kernel_equals_the_torch_path_in_value_and_gradient(layout, device):
     """`train.lrn_kernel=compiled`: the same rule and closed-form backward, fused by torch.compile."""
+    from replicate.lrn import INNERMOST_MAPS_JOINED
+
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    maps = torch.rand(3, 24, 7, 9, generator=torch.Generator().manual_seed(2)).to(device) * 150
-    if layout == "channels_last":
+    count = INNERMOST_MAPS_JOINED + 8 if "many maps" in layout else 24
+    maps = torch.rand(3, count, 7, 9, generator=torch.Generator().manual_seed(2)).to(device) * 150
+    if layout.startswith("channels_last"):
         maps = maps.contiguous(memory_format=torch.channels_last)
     groups = 2 if layout == "columns_view" else 1  # the fused path: each column its own 12 maps
     maps.requires_grad_()
     expected = ResponseNorm()(maps, groups)
     compiled = ResponseNorm(kernel="compiled")(maps, groups)
     assert_same_function(compiled, expected, maps, (1e-6, 1e-6), (1e-5, 1e-7))
+
+
+def test_compiled_window_sum_of_many_channels_last_maps_equals_the_shifted_sum():
+    """`_window_sum_innermost`, the clipped windows at both ends included, for odd and even sizes."""
+    from replicate.lrn import INNERMOST_MAPS_JOINED, window_sum
+
+    values = torch.rand(2, INNERMOST_MAPS_JOINED + 3, 3, 4, generator=torch.Generator().manual_seed(5))
+    values = values.contiguous(memory_format=torch.channels_last)
+    for size in (5, 4, 1):
+        summed = torch.compile(window_sum, dynamic=False)(values, size, 0.5)
+        torch.testing.assert_close(summed, window_sum_by_shifts(values, size) * 0.5)
+
+
+def test_compiled_kernel_stays_compiled_beyond_dynamo_s_eight_shapes():
+    """Dynamo builds a function for 8 input shapes by default, then silently runs its torch ops one by
+    one; one `make bench` process reached that. The LRN's kernels allow COMPILED_SHAPES."""
+    from torch._dynamo.utils import counters
+
+    norm = ResponseNorm(kernel="compiled")
+    built = counters["stats"]["unique_graphs"]
+    for width in range(20, 30):  # shapes no other test gives it
+        norm(torch.rand(2, 7, 3, width))
+    assert counters["stats"]["unique_graphs"] - built == 10
 
 
 def test_compiled_kernel_follows_the_formula_for_any_beta():
