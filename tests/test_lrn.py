@@ -151,6 +151,7 @@ def test_cpu_window_sum_stays_in_float32_under_bf16_autocast():
         ("channels_last", "cpu"),
         ("channels_last, many maps", "cpu"),  # _window_sum_innermost
         ("columns_view", "cpu"),
+        ("columns_view, channels_last, many maps", "cpu"),  # the fused path with Winograd's layout
         ("contiguous", "cuda"),
     ],
 )
@@ -160,11 +161,13 @@ def test_compiled_kernel_equals_the_torch_path_in_value_and_gradient(layout, dev
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    count = INNERMOST_MAPS_JOINED + 8 if "many maps" in layout else 24
-    maps = torch.rand(3, count, 7, 9, generator=torch.Generator().manual_seed(2)).to(device) * 150
-    if layout.startswith("channels_last"):
+    groups = 2 if layout.startswith("columns_view") else 1  # the fused path: each column its own maps
+    per_column = INNERMOST_MAPS_JOINED + 8 if "many maps" in layout else 24 // groups
+    maps = (
+        torch.rand(3, groups * per_column, 7, 9, generator=torch.Generator().manual_seed(2)).to(device) * 150
+    )
+    if "channels_last" in layout:
         maps = maps.contiguous(memory_format=torch.channels_last)
-    groups = 2 if layout == "columns_view" else 1  # the fused path: each column its own 12 maps
     maps.requires_grad_()
     expected = ResponseNorm()(maps, groups)
     compiled = ResponseNorm(kernel="compiled")(maps, groups)
