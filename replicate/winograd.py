@@ -24,15 +24,18 @@ from replicate.speed import compile_failure, compiled_kernel
 # the CPU, cuDNN's choice on a GPU); winograd runs the stride-1 ones by `WinogradConv` (CPU only).
 ConvAlgorithm = Literal["direct", "winograd"]
 Matrix = list[list[Fraction]]
-# The tile m of F(m x m, r x r) that `use_winograd` gives a layer with r x r kernels: F(2x2, 3x3)
-# rounds about as the direct convolution does and runs within 5% of F(4x4, 3x3) on 13 x 13 maps, and
-# F(3x3, 5x5) tiles conv2's 27 x 27 maps exactly (`bench-winograd` times the others).
-NETWORK_TILES = {3: 2, 5: 3}
+# The tile m of F(m x m, r x r) that `use_winograd` gives a layer with r x r kernels, the fastest in
+# training of those `bench-winograd` times (BENCHMARKS.md): F(4x4, 3x3) on conv3-conv5's 13 x 13 maps,
+# F(3x3, 5x5) on conv2's 27 x 27, which it tiles exactly. Both round further from the exact result
+# than the direct convolution does (errors around 1e-5 of the largest input gradient, against a few
+# 1e-7; paper/fidelity.md); F(2x2, 3x3) rounds about as the direct one and was 12% slower on conv3-5.
+NETWORK_TILES = {3: 4, 5: 3}
 # From this tile size n on, the input transform runs as two kernels, B^T over the rows and then B over
 # the columns, with the rows' result in memory between them. On F(3x3, 5x5)'s 7 x 7 tiles that took
-# half the time of the one kernel torch.compile fuses (conv2's maps, this repo's 2-core CPU); on
-# F(2x2, 3x3)'s 4 x 4 tiles, twice the time.
-TWO_PASS_INPUT_TRANSFORM = 7
+# half the time of the one kernel torch.compile fuses (conv2's maps, this repo's 2-core CPU), and on
+# F(4x4, 3x3)'s 6 x 6 tiles it made conv3-conv5 about 7% faster in training; on F(2x2, 3x3)'s 4 x 4
+# tiles it took twice the time.
+TWO_PASS_INPUT_TRANSFORM = 6
 # The interpolation points of Toom-Cook, in the order that keeps the transforms' numbers small;
 # the point at infinity is always added.
 POINTS = (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2), Fraction(-1, 2))

@@ -80,9 +80,10 @@ def test_winograd_gradients_equal_conv2d(m, r, padding, side):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=what)
 
 
-def test_the_two_pass_input_transform_equals_the_one_pass_one():
-    # F(3x3, 5x5)'s 7 x 7 tiles: rows, then columns, as two kernels (TWO_PASS_INPUT_TRANSFORM)
-    conv = WinogradConv(3, 5, 2, compiled=False)
+@pytest.mark.parametrize(("m", "r", "padding"), [(3, 5, 2), (4, 3, 1)])
+def test_the_two_pass_input_transform_equals_the_one_pass_one(m, r, padding):
+    # the net's tiles, 7 x 7 and 6 x 6: rows, then columns, as two kernels (TWO_PASS_INPUT_TRANSFORM)
+    conv = WinogradConv(m, r, padding, compiled=False)
     assert conv.n >= TWO_PASS_INPUT_TRANSFORM
     x = channels_last_view(torch.randn(2, 5, 11, 11))
     tiles = conv.tiles(11, 11)
