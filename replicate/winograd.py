@@ -28,13 +28,13 @@ Matrix = list[list[Fraction]]
 # training of those `bench-winograd` times (BENCHMARKS.md): F(4x4, 3x3) on conv3-conv5's 13 x 13 maps,
 # F(3x3, 5x5) on conv2's 27 x 27, which it tiles exactly. Both round further from the exact result
 # than the direct convolution does (errors around 1e-5 of the largest input gradient, against a few
-# 1e-7; paper/fidelity.md); F(2x2, 3x3) rounds about as the direct one and was 12% slower on conv3-5.
+# 1e-7; paper/fidelity.md); F(2x2, 3x3) rounds about as the direct one, and took 10% longer on conv3-5.
 NETWORK_TILES = {3: 4, 5: 3}
 # From this tile size n on, the input transform runs as two kernels, B^T over the rows and then B over
 # the columns, with the rows' result in memory between them. On F(3x3, 5x5)'s 7 x 7 tiles that took
 # half the time of the one kernel torch.compile fuses (conv2's maps, this repo's 2-core CPU), and on
-# F(4x4, 3x3)'s 6 x 6 tiles it made conv3-conv5 about 7% faster in training; on F(2x2, 3x3)'s 4 x 4
-# tiles it took twice the time.
+# F(4x4, 3x3)'s 6 x 6 tiles it made conv3-conv5 about 7% faster in training (a one-off A/B); on
+# F(2x2, 3x3)'s 4 x 4 tiles it took twice the time.
 TWO_PASS_INPUT_TRANSFORM = 6
 # The interpolation points of Toom-Cook, in the order that keeps the transforms' numbers small;
 # the point at infinity is always added.
