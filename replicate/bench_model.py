@@ -16,6 +16,7 @@ import argparse
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -271,24 +272,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
-    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=get_args(Precision), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument(
         "--compile",
         nargs="?",
         const="default",
-        choices=["default", "reduce-overhead"],
+        choices=get_args(CompileMode),
         help="torch.compile every contender, in this mode (reduce-overhead: CUDA graphs too)",
     )
     parser.add_argument(
         "--lrn-kernel",
-        choices=["torch", "compiled", "triton"],
+        choices=get_args(LRNKernel),
         default="torch",
         help="replicate's LRN layers: torch ops, torch.compile's fused kernels, or Triton ones (CUDA)",
     )
     parser.add_argument(
         "--conv-algorithm",
-        choices=["direct", "winograd"],
+        choices=get_args(ConvAlgorithm),
         default="direct",
         help="replicate's stride-1 convolutions: the backend's (direct on the CPU), or Winograd (CPU)",
     )
