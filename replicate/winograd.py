@@ -10,6 +10,7 @@ it against oneDNN's direct convolutions layer by layer; `use_winograd` puts it i
 
 from __future__ import annotations
 
+import weakref
 from fractions import Fraction
 from math import gcd, lcm
 from typing import Literal
@@ -135,6 +136,9 @@ class WinogradConv:
             self.input_transform = build(self._input_transform)
         self.output_transform = build(self._output_transform)
         self.output_transform_adjoint = build(self._output_transform_adjoint)
+        # (input, its version, its transform) of the last training forward, held weakly: both columns'
+        # conv3 read the very same tensor, the concatenation of their conv2 maps (`AlexNet._exchange`).
+        self._last_input: tuple | None = None
         # The input gradient of a stride-1 convolution is the convolution of the output gradient with
         # the kernels flipped and transposed, zero-padded by r - 1 - padding: for a "same" layer
         # (conv2-conv5) the very same convolution.
@@ -176,16 +180,23 @@ class WinogradConv:
         return out.view(n * n, *out.shape[2:])
 
     def _output_transform(
-        self, products: torch.Tensor, bias: torch.Tensor | None, height: int, width: int
+        self,
+        products: torch.Tensor,
+        bias: torch.Tensor | None,
+        height: int,
+        width: int,
+        rectify: bool = False,
     ) -> torch.Tensor:
-        """A^T M A per tile, the tiles put back in place, cropped, plus the bias: (N, H, W, K)."""
+        """A^T M A per tile, the tiles put back in place, cropped, plus the bias, through a ReLU if
+        `rectify`: (N, H, W, K)."""
         m, n = self.m, self.n
         _, batch, tiles_h, tiles_w, kernels = products.shape
         products = products.view(n, n, batch, tiles_h, tiles_w, kernels)
         tiles = torch.stack(_sandwich(self.at, [[products[i, j] for j in range(n)] for i in range(n)]))
         out = tiles.view(m, m, batch, tiles_h, tiles_w, kernels).permute(2, 3, 0, 4, 1, 5)
         out = out.reshape(batch, m * tiles_h, m * tiles_w, kernels)[:, :height, :width]
-        return out if bias is None else out + bias
+        out = out if bias is None else out + bias
+        return out.relu() if rectify else out
 
     def _output_transform_adjoint(self, grad: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
         """The gradient of `output_transform` in its products: A dY A^T per m x m tile of the output
@@ -198,10 +209,13 @@ class WinogradConv:
         )
 
     def kernel_transform(self, weight: torch.Tensor) -> torch.Tensor:
-        """G g G^T for every kernel, in float64 then rounded: (n^2, C, K)."""
+        """G g G^T for every kernel, in the weight's dtype: (n^2, C, K). Until stop 20 it ran in float64
+        and was rounded after: in one-off comparisons the layers' largest errors were then up to a
+        third smaller (the same order, about 1e-5 of the largest output), and a training step about
+        1% longer on the CPU (paper/fidelity.md)."""
         kernels, channels = weight.shape[:2]
-        flat = weight.double().reshape(kernels, channels, self.r**2).permute(2, 1, 0).reshape(self.r**2, -1)
-        return (self.gg @ flat).to(weight.dtype).view(self.n**2, channels, kernels)
+        flat = weight.reshape(kernels, channels, self.r**2).permute(2, 1, 0).reshape(self.r**2, -1)
+        return (self.gg.to(weight.dtype) @ flat).view(self.n**2, channels, kernels)
 
     def kernel_transform_adjoint(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient of `kernel_transform` in the weight: from (n^2, C, K) to (K, C, r, r)."""
@@ -210,42 +224,69 @@ class WinogradConv:
         return flat.view(self.r, self.r, channels, kernels).permute(3, 2, 0, 1)
 
     def _forward(
-        self, x: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        kernels: torch.Tensor,
+        bias: torch.Tensor | None,
+        transformed: torch.Tensor | None = None,
+        rectify: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output (N, H', W', K) and the transformed input (n^2, N, tiles_h, tiles_w, C)."""
+        """The output (N, H', W', K), through a ReLU if `rectify`, and the transformed input
+        (n^2, N, tiles_h, tiles_w, C), which is computed unless given."""
         batch, height, width, channels = x.shape
         out_h, out_w = height + 2 * self.padding - self.r + 1, width + 2 * self.padding - self.r + 1
         tiles_h, tiles_w = self.tiles(out_h, out_w)
-        transformed = self.input_transform(x, tiles_h, tiles_w)
+        if transformed is None:
+            transformed = self.input_transform(x, tiles_h, tiles_w)
         products = torch.bmm(transformed.view(self.n**2, -1, channels), kernels)
         products = products.view(self.n**2, batch, tiles_h, tiles_w, -1)
-        return self.output_transform(products, bias, out_h, out_w), transformed
+        return self.output_transform(products, bias, out_h, out_w, rectify), transformed
 
     def forward_nhwc(self, x: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._forward(x, kernels, bias)[0]
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _WinogradFunction.apply(x, weight, bias, self)
+    def transformed_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The input transform of the last training forward if `x` is that forward's very input, not
+        modified since, and the transform is still alive (saved for the backward); else None."""
+        if self._last_input is None:
+            return None
+        source, version, transformed = self._last_input
+        return transformed() if source() is x and version == x._version else None
+
+    def remember_input(self, x: torch.Tensor, transformed: torch.Tensor) -> None:
+        self._last_input = (weakref.ref(x), x._version, weakref.ref(transformed))
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rectify: bool = False
+    ) -> torch.Tensor:
+        return _WinogradFunction.apply(x, weight, bias, self, rectify)
 
 
 class _WinogradFunction(torch.autograd.Function):
-    """The three gradients by Winograd as well. The weights': the products' gradient per frequency
-    (`output_transform_adjoint`) times the saved transformed input, one batched matrix product, then
-    `kernel_transform_adjoint`. The input's: a Winograd convolution of the output gradient (above)."""
+    """The forward transforms its input once for layers that share the `WinogradConv` and read the
+    same tensor (both columns' conv3). The three gradients by Winograd as well. The weights': the
+    products' gradient per frequency (`output_transform_adjoint`) times the saved transformed input,
+    one batched matrix product, then `kernel_transform_adjoint`. The input's: a Winograd convolution
+    of the output gradient (above)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv: WinogradConv):
-        out, transformed = conv._forward(channels_last_view(x), conv.kernel_transform(weight), bias)
-        ctx.save_for_backward(weight, transformed)
-        ctx.conv = conv
+    def forward(ctx, x, weight, bias, conv: WinogradConv, rectify: bool):
+        kernels, reused = conv.kernel_transform(weight), conv.transformed_input(x)
+        out, transformed = conv._forward(channels_last_view(x), kernels, bias, reused, rectify)
+        conv.remember_input(x, transformed)
         # Channels-last strides, not copied to NCHW: the net's max-pooling works in channels-last
         # anyway, and with the copy the step measured slower (BENCHMARKS.md).
-        return out.permute(0, 3, 1, 2)
+        out = out.permute(0, 3, 1, 2)
+        ctx.save_for_backward(weight, transformed, out if rectify else None)
+        ctx.conv = conv
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        weight, transformed = ctx.saved_tensors
+        weight, transformed, rectified = ctx.saved_tensors
         conv: WinogradConv = ctx.conv
+        if rectified is not None:  # the ReLU's own backward, on its output
+            grad = torch.ops.aten.threshold_backward(grad, rectified, 0)
         grad_nhwc = channels_last_view(grad)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -262,7 +303,7 @@ class _WinogradFunction(torch.autograd.Function):
             grad_weight = conv.kernel_transform_adjoint(grad_kernels)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 2, 3))
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -280,12 +321,14 @@ class WinogradConv2d(nn.Conv2d):
         )
         self.weight, self.bias = conv.weight, conv.bias
         self.winograd = winograd
+        self.rectify = False  # True: the ReLU after it runs in its output transform (`use_winograd`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.winograd(x, self.weight, self.bias)
+        return self.winograd(x, self.weight, self.bias, self.rectify)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", winograd=F({self.winograd.m}, {self.winograd.r})"
+        rectify = ", rectifies its output" if self.rectify else ""
+        return super().extra_repr() + f", winograd=F({self.winograd.m}, {self.winograd.r}){rectify}"
 
 
 def winograd_applies(conv: nn.Module) -> bool:
@@ -322,7 +365,11 @@ def use_winograd(model: nn.Module, compiled: bool = True) -> list[str]:
     """Swap every convolution module of `model` that Winograd applies to (in the net: conv2-conv5 of
     each column) for a `WinogradConv2d`, and return their names. Layers of one shape share one
     `WinogradConv`, and so its compiled transforms. The fused-column path (`AlexNet.fused`) calls
-    F.conv2d on the columns' weights itself, so it stays direct."""
+    F.conv2d on the columns' weights itself, so it stays direct.
+
+    A ReLU right after a swapped layer (in an `nn.Sequential`) moves into its output transform, which
+    saves a pass over the maps: the ReLU's place holds an `nn.Identity`. (Before an LRN whose compiled
+    kernel took the ReLU already, `lrn.use_lrn_kernel`, the place holds an `nn.Identity` already.)"""
     shared: dict[tuple[int, int, int], WinogradConv] = {}
     swapped = []
     for parent_name, parent in list(model.named_modules()):
@@ -335,4 +382,8 @@ def use_winograd(model: nn.Module, compiled: bool = True) -> list[str]:
                 shared[key] = WinogradConv(*key, compiled)
             setattr(parent, name, WinogradConv2d(child, shared[key]))
             swapped.append(f"{parent_name}.{name}" if parent_name else name)
+        if isinstance(parent, nn.Sequential):
+            for index in range(len(parent) - 1):
+                if isinstance(parent[index], WinogradConv2d) and isinstance(parent[index + 1], nn.ReLU):
+                    parent[index].rectify, parent[index + 1] = True, nn.Identity()
     return swapped

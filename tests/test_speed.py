@@ -138,11 +138,24 @@ def test_the_winograd_convolutions_compute_the_same_function():
     fast.load_state_dict(reference.state_dict())
     assert use_winograd(fast) == [f"columns.{c}.convs.conv{i}.0" for c in (0, 1) for i in (2, 3, 4, 5)]
     assert list(fast.state_dict()) == list(reference.state_dict())  # checkpoints load either way
+    for column in fast.columns:  # each ReLU after them moved into their output transforms
+        for name in ("conv2", "conv3", "conv4", "conv5"):
+            block = column.convs[name]
+            assert block[0].rectify and isinstance(block[1], torch.nn.Identity), name
     logits, grads = step(fast, fast, images, labels)
     ref_logits, ref_grads = step(reference, reference, images, labels)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
     for name, grad in grads.items():
         assert relative(grad, ref_grads[name]) < 1e-4, name
+
+
+def test_winograd_leaves_the_relu_that_the_compiled_lrn_took():
+    model = AlexNet(10)
+    use_lrn_kernel(model, "compiled")
+    use_winograd(model)
+    for column in model.columns:
+        assert not column.convs["conv2"][0].rectify and column.convs["conv2"][2].rectify  # the LRN's
+        assert all(column.convs[name][0].rectify for name in ("conv3", "conv4", "conv5"))
 
 
 def test_winograd_is_refused_where_it_would_not_run(tmp_path):

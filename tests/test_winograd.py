@@ -115,6 +115,52 @@ def test_compiled_transforms_compute_the_same_in_float32():
         torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-4, msg=what)
 
 
+def test_a_layer_that_rectifies_equals_the_convolution_then_a_relu():
+    """`use_winograd` moves the ReLU after a layer into its output transform: the same values, and the
+    ReLU's gradient (zero where the output is not positive) before the convolution's."""
+    conv = WinogradConv(4, 3, 1, compiled=False)
+    images = torch.randn(2, 5, 9, 9, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    out = conv(images, weight, bias, rectify=True)
+    expected = torch.relu(F.conv2d(images, weight, bias, padding=1))
+    torch.testing.assert_close(out, expected)
+    assert (out == 0).any() and (out > 0).any()
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, (images, weight, bias), upstream)
+    for value, reference in zip(
+        got, torch.autograd.grad(expected, (images, weight, bias), upstream), strict=True
+    ):
+        torch.testing.assert_close(value, reference)
+
+
+def test_two_layers_reading_one_tensor_transform_it_once():
+    """Both columns' conv3 share a `WinogradConv` and read the same concatenated maps: the second
+    forward reuses the first's transformed input; a modified or another tensor is transformed anew."""
+    conv = WinogradConv(4, 3, 1, compiled=False)
+    transforms = []
+    conv.input_transform = lambda *args, inner=conv.input_transform: transforms.append(1) or inner(*args)
+    images = torch.randn(2, 6, 13, 13, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    outs = [conv(images, weight, None) for weight in weights]
+    assert len(transforms) == 1
+    for out, weight in zip(outs, weights, strict=True):
+        torch.testing.assert_close(out, F.conv2d(images, weight, padding=1))
+    # the backward still gets every gradient, the shared transformed input read by both
+    upstream = [torch.randn_like(out) for out in outs]
+    got = torch.autograd.grad(outs, [images, *weights], upstream)
+    copy = images.detach().requires_grad_()
+    direct = [F.conv2d(copy, weight, padding=1) for weight in weights]
+    for value, expected in zip(got, torch.autograd.grad(direct, [copy, *weights], upstream), strict=True):
+        torch.testing.assert_close(value, expected)
+    transforms.clear()  # the backward transformed the two output gradients (the input's gradients)
+    other = images.detach().clone()
+    kept = conv(other, weights[0], None)  # in training its transform is kept for the backward
+    other.mul_(2)  # in place: a new version of the same tensor
+    torch.testing.assert_close(conv(other, weights[0], None), F.conv2d(other, weights[0], padding=1))
+    assert len(transforms) == 2 and kept is not None
+
+
 def test_bench_winograd_smoke_mode_runs(tmp_path):
     saved_at = tmp_path / "winograd.json"
     result = subprocess.run(
