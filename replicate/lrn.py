@@ -122,22 +122,30 @@ class _ResponseNormFunction(torch.autograd.Function):
         return grad_scaled.addcmul_(maps, correction, value=-2 * ctx.alpha * ctx.beta), None, None, None, None
 
 
-def _normalise(inputs: torch.Tensor, size: int, alpha: float, beta: float, k: float, rectify: bool):
-    """b and s^-beta, for torch.compile to fuse into one kernel; `rectify`: the maps are relu(inputs)."""
+def _normalise(
+    inputs: torch.Tensor, size: int, alpha: float, beta: float, k: float, rectify: bool, channels_last: bool
+):
+    """b and s^-beta, for torch.compile to fuse into one kernel; `rectify`: the maps are relu(inputs);
+    `channels_last`: b is written in that layout, whatever the input's."""
     maps = inputs.relu() if rectify else inputs
     scale = _inverse_power(window_sum(maps * maps, size, alpha) + k, beta)
-    return maps * scale, scale
+    out = maps * scale
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out, scale
 
 
-def _normalise_backward(grad, inputs, scale, size: int, alpha: float, beta: float, k: float, rectify: bool):
+def _normalise_backward(
+    grad, inputs, scale, size: int, alpha: float, beta: float, k: float, rectify: bool, contiguous: bool
+):
     """The closed form of `_ResponseNormFunction.backward`, the denominator recomputed from the maps
-    (one tensor less to keep; the fused kernel reads the maps anyway), then the ReLU's if `rectify`."""
+    (one tensor less to keep; the fused kernel reads the maps anyway), then the ReLU's if `rectify`;
+    `contiguous`: the gradient is written in the (N, C, H, W) layout, whatever the incoming one's."""
     maps = inputs.relu() if rectify else inputs
     denominator = window_sum(maps * maps, size, alpha) + k
     grad_scaled = grad * scale
     correction = window_sum(grad_scaled * maps / denominator, size)
     grad_maps = grad_scaled - (2 * alpha * beta) * maps * correction
-    return torch.where(inputs > 0, grad_maps, 0.0) if rectify else grad_maps  # as threshold_backward
+    grad_maps = torch.where(inputs > 0, grad_maps, 0.0) if rectify else grad_maps  # as threshold_backward
+    return grad_maps.contiguous() if contiguous else grad_maps
 
 
 @cache
@@ -173,19 +181,27 @@ def kernel_unavailable_reason(kernel: LRNKernel, devices: list[torch.device]) ->
 class _CompiledResponseNormFunction(torch.autograd.Function):
     """`_ResponseNormFunction` with forward and backward each compiled into one fused kernel, the ReLU
     before it inside them if `rectify`; keeps its input and s^-beta for backward (two tensors, not
-    three)."""
+    three).
+
+    On the CPU the output of (N, C, H, W) maps is channels-last: the max-pooling after every LRN of
+    the net works in that layout there (`replicate/pool.py`), and the layout change written by this
+    kernel saves the pooling's copy of the maps, forward and backward (BENCHMARKS.md, the LRN
+    lever). The input's gradient comes back in the input's own layout."""
 
     @staticmethod
     def forward(ctx, inputs, size: int, alpha: float, beta: float, k: float, rectify: bool):
-        out, scale = _compiled(_normalise)(inputs, size, alpha, beta, k, rectify)
+        channels_last = inputs.device.type == "cpu" and inputs.dim() == 4
+        out, scale = _compiled(_normalise)(inputs, size, alpha, beta, k, rectify, channels_last)
         ctx.save_for_backward(inputs, scale)
         ctx.rule = (size, alpha, beta, k, rectify)
+        ctx.contiguous = channels_last and inputs.is_contiguous()
         return out
 
     @staticmethod
     def backward(ctx, grad):
         inputs, scale = ctx.saved_tensors
-        return _compiled(_normalise_backward)(grad, inputs, scale, *ctx.rule), None, None, None, None, None
+        grad_inputs = _compiled(_normalise_backward)(grad, inputs, scale, *ctx.rule, ctx.contiguous)
+        return grad_inputs, None, None, None, None, None
 
 
 def reference_response_norm(

@@ -185,6 +185,17 @@ def test_compiled_window_sum_of_many_channels_last_maps_equals_the_shifted_sum()
         torch.testing.assert_close(summed, window_sum_by_shifts(values, size) * 0.5)
 
 
+def test_compiled_kernel_on_the_cpu_hands_the_pooling_channels_last_maps():
+    """Its output is written channels-last (what `MaxPool` works in on the CPU), its input gradient
+    in the input's own layout; a channels-last input keeps channels-last both ways."""
+    for layout in (torch.contiguous_format, torch.channels_last):
+        maps = (torch.rand(2, 6, 5, 4) * 100).contiguous(memory_format=layout).requires_grad_()
+        out = ResponseNorm(kernel="compiled")(maps)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        (grad,) = torch.autograd.grad(out, maps, torch.randn_like(out))
+        assert grad.is_contiguous(memory_format=layout)
+
+
 def test_compiled_kernel_stays_compiled_beyond_dynamo_s_eight_shapes():
     """Dynamo builds a function for 8 input shapes by default, then silently runs its torch ops one by
     one; one `make bench` process reached that. The LRN's kernels allow COMPILED_SHAPES."""
