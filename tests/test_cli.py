@@ -78,6 +78,10 @@ def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
     assert "torchvision alexnet: 0.714 G multiply-adds" in result.stdout
     if sys.platform == "linux":  # glibc's mallopt: every contender runs with freed memory kept
         assert "allocator: freed memory kept for reuse" in result.stdout
+    # the warm-up ran until two rounds in a row mapped no more than 16 MiB of new pages (or 8 rounds)
+    warm_up = json.loads(saved_at.read_text())["warm_up"]
+    assert 2 <= warm_up["rounds"] <= 8 and warm_up["page_faults_in_timed_repeats"] >= 0
+    assert f"warm-up: {warm_up['rounds']} round(s); page faults during the timed repeats:" in result.stdout
     for layer in ("lrn1 (48 x 55 x 55)", "lrn2 (128 x 27 x 27)"):  # ours against torch's LRN
         assert f"{layer}, one column, fwd+bwd: ours median" in result.stdout
     for layer in ("pool1 (48 x 55 x 55)", "pool2 (128 x 27 x 27)", "pool5 (128 x 13 x 13)"):
