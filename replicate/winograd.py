@@ -210,9 +210,9 @@ class WinogradConv:
 
     def kernel_transform(self, weight: torch.Tensor) -> torch.Tensor:
         """G g G^T for every kernel, in the weight's dtype: (n^2, C, K). Until stop 20 it ran in float64
-        and was rounded after: in one-off comparisons the layers' largest errors were then up to a
-        third smaller (the same order, about 1e-5 of the largest output), and a training step about
-        1% longer on the CPU (paper/fidelity.md)."""
+        and was rounded after: in one-off comparisons the layers' largest errors were then somewhat
+        smaller (the same order, about 1e-5 of the largest output) and a training step on the CPU
+        slightly longer (paper/fidelity.md)."""
         kernels, channels = weight.shape[:2]
         flat = weight.reshape(kernels, channels, self.r**2).permute(2, 1, 0).reshape(self.r**2, -1)
         return (self.gg.to(weight.dtype) @ flat).view(self.n**2, channels, kernels)
