@@ -38,27 +38,16 @@ from replicate.speed import (
     begin_step,
     keep_freed_memory,
     memory_format,
+    page_faults,
     set_precision,
     speed_up,
 )
 from replicate.winograd import ConvAlgorithm, conv_algorithm_unavailable_reason, use_winograd
 
-try:
-    import resource
-except ImportError:  # Windows
-    resource = None
-
-
 # `run`'s warm-up: rounds until QUIET_ROUNDS in a row each map at most QUIET_PAGE_FAULTS new pages
 # (16 MiB), WARM_UP_ROUNDS_MAX rounds at most. One quiet round was not enough: the Winograd net's
 # steps mapped new pages again in the round after a quiet one (a one-off count, stop 20).
 QUIET_ROUNDS, QUIET_PAGE_FAULTS, WARM_UP_ROUNDS_MAX = 2, 4096, 8
-
-
-def page_faults() -> int:
-    """Minor page faults of this process so far (pages mapped on first touch); 0 where the platform
-    does not count them (Windows has no `resource` module)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 def multiply_adds(model: nn.Module, side: int = 224) -> int:

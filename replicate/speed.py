@@ -23,6 +23,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 Precision = Literal["fp32", "tf32", "bf16"]
 # torch.compile's modes; reduce-overhead also replays each step as a CUDA graph (one launch for the
 # step's hundreds of kernels). max-autotune would time kernel variants at every start: not offered.
@@ -51,6 +56,12 @@ def keep_freed_memory() -> bool:
         return False
     # mallopt returns 1 on success; both must hold, or some blocks would still be unmapped
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far (pages mapped on first touch), the cost that
+    `keep_freed_memory` saves; 0 where the platform does not count them (Windows has no `resource`)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 def allocator_note(kept: bool) -> str:

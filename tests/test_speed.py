@@ -291,15 +291,15 @@ def test_views_cut_on_the_gpu_equal_the_views_cut_on_the_cpu():
 
 
 FAULTS_PER_STEP = """
-import resource, sys, torch
-from replicate.speed import keep_freed_memory
+import sys, torch
+from replicate.speed import keep_freed_memory, page_faults
 print(keep_freed_memory())
 x = torch.ones(16 * 2**20)  # 64 MiB: above glibc's largest mmap threshold (32 MiB)
 faults = []
 for _ in range(10):  # a "step": temporaries as large as an LRN layer's, freed at its end
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    before = page_faults()
     a = x * 2; b = a + x; c = (b * a).relu(); del a, b, c
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(page_faults() - before)
 print(sum(faults[5:]))
 """
 
