@@ -203,6 +203,7 @@ def run(workers: int, repeats: int, epochs: int, limit: int, batch_size: int, st
         "ratios": ratios,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "steady": steady,
+        "processor": bench_records.processor(),
     }
 
 
@@ -238,6 +239,7 @@ def report(result: dict) -> str:
         [
             f"images: {result['images']} full-size ImageNet photos; workers: {result['workers']}; "
             f"batch: {result['batch_size']}; torch {torch.__version__}",
+            f"processor: {result.get('processor', 'not recorded')}",
             f"one-time preprocessing to 256x256: {result['preprocess_rate']:.0f} images/s",
             f"baseline (torchvision ImageFolder + PIL + Resize(256) ...): "
             f"{spread(result['baseline'])} images/s",

@@ -192,6 +192,7 @@ def run(
             {name: models[name][0] for name in (TORCHVISION, PER_COLUMN)}, images, repeats, options.precision
         ),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "processor": bench_records.processor(),
         "batch": batch,
         "options": str(options),
         "torch": f"{torch.__version__}; threads {torch.get_num_threads()}",
@@ -210,6 +211,7 @@ def report(result: dict, saved: bool = False) -> str:
         result.get("torch", "?") if saved else f"{torch.__version__}; threads {torch.get_num_threads()}"
     )
     lines = [f"device: {result['device']}; batch {result['batch']}; {result['options']}; torch {versions}"]
+    lines.append(f"processor: {result.get('processor', 'not recorded')}")  # recorded since stop 21
     lines.append(f"allocator: {result.get('allocator', 'not recorded')}")
     if "warm_up" in result:  # records before stop 20 warmed up for two rounds and counted no faults
         warm_up = result["warm_up"]

@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 from pathlib import Path
+
+import torch
 
 from replicate.tracking import write_json
 
@@ -19,6 +22,17 @@ TORCHVISION, FUSED, PER_COLUMN = "torchvision alexnet", "replicate (fused)", "re
 BENCH_KEYS = ("device", "batch", "options", "rates")
 BENCH_REPORT_KEYS = (*BENCH_KEYS, "macs")
 DATA_KEYS = ("workers",)
+
+
+def processor() -> str:
+    """The CPU a record was made on: its model, logical cores, and the vector instructions PyTorch's
+    kernels use on it. CPU figures differ between machines, even of one size (BENCHMARKS.md)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}; {os.cpu_count()} logical cores; {torch.backends.cpu.get_cpu_capability()}"
 
 
 class RecordError(ValueError):

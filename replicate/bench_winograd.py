@@ -26,8 +26,9 @@ from replicate.bench_layers import matrix_layers_at_work, timed
 from replicate.model import AlexNet
 from replicate.winograd import WinogradConv, channels_last_view, conv_algorithm_unavailable_reason
 
-# F(m, r) tried per kernel size: the larger tile does fewer multiplies, the smaller is more exact.
-TILES = {3: (4, 2), 5: (3, 2)}
+# F(m, r) tried per kernel size: the network's (`winograd.NETWORK_TILES`) and another: for 3 x 3 kernels
+# F(4x4, 3x3), the net's until stop 21, for 5 x 5 ones F(2x2, 5x5), which rounds less.
+TILES = {3: (5, 4), 5: (3, 2)}
 
 
 def stride_one_layers(batch: int) -> dict[str, tuple[nn.Conv2d, torch.Tensor]]:
@@ -151,7 +152,13 @@ def run(batch: int, repeats: int, compiled: bool = True) -> dict:
         }
     for name, (layer, inputs) in layers.items():
         _record_errors(layer, inputs, upstreams[name], convs[name], results[name])
-    return {"batch": batch, "torch": torch.__version__, "threads": torch.get_num_threads(), "layers": results}
+    return {
+        "batch": batch,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "processor": bench_records.processor(),
+        "layers": results,
+    }
 
 
 def _record_errors(
@@ -225,7 +232,8 @@ def _error_text(timing: dict) -> str:
 def report(result: dict) -> str:
     lines = [
         f"Winograd against direct convolution, one column, batch {result['batch']}; "
-        f"torch {result['torch']}; threads {result['threads']}"
+        f"torch {result['torch']}; threads {result['threads']}",
+        f"processor: {result.get('processor', 'not recorded')}",
     ]
     _section(lines, result, "forward", "forward only (Winograd on channels-last input):")
     _section(

@@ -25,12 +25,16 @@ from replicate.speed import compile_failure, compiled_kernel
 # the CPU, cuDNN's choice on a GPU); winograd runs the stride-1 ones by `WinogradConv` (CPU only).
 ConvAlgorithm = Literal["direct", "winograd"]
 Matrix = list[list[Fraction]]
-# The tile m of F(m x m, r x r) that `use_winograd` gives a layer with r x r kernels, the fastest in
-# training of those `bench-winograd` times (BENCHMARKS.md): F(4x4, 3x3) on conv3-conv5's 13 x 13 maps,
-# F(3x3, 5x5) on conv2's 27 x 27, which it tiles exactly. Both round further from the exact result
-# than the direct convolution does (errors around 1e-5 of the largest input gradient, against a few
-# 1e-7; paper/fidelity.md); F(2x2, 3x3) rounds about as the direct one, and took 10% longer on conv3-5.
-NETWORK_TILES = {3: 4, 5: 3}
+# The tile m of F(m x m, r x r) that `use_winograd` gives a layer with r x r kernels. F(5x5, 3x3) on
+# conv3-conv5's 13 x 13 maps: three tiles a side, 49 products per 25 outputs (15 x 15 computed for
+# 13 x 13); until stop 21 the net took F(4x4, 3x3), which does about 30% more products per output and
+# transforms as many more numbers, and took about 20% longer (`bench-winograd`, BENCHMARKS.md).
+# F(3x3, 5x5) on conv2's 27 x 27, which it tiles exactly. F(4x4, 5x5) was about 8% faster there in a
+# one-off timing, but in the net (tests/test_speed.py) it put conv1's and conv2's weight gradients
+# 4e-3 off (relative norm), against 1e-5 with F(3x3, 5x5). The tiles round further from the exact
+# result than the direct convolution does (errors around 1e-5 of the largest input gradient, against a
+# few 1e-7; paper/fidelity.md).
+NETWORK_TILES = {3: 5, 5: 3}
 # From this tile size n on, the input transform runs as two kernels, B^T over the rows and then B over
 # the columns, with the rows' result in memory between them. On F(3x3, 5x5)'s 7 x 7 tiles that took
 # half the time of the one kernel torch.compile fuses (conv2's maps, this repo's 2-core CPU), and on

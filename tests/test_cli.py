@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from replicate.bench_records import processor
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -67,6 +69,7 @@ def test_bench_data_smoke_mode_runs():
     assert result.returncode == 0, result.stderr
     assert "ratio ours/baseline, raw store:" in result.stdout
     assert "jpeg store decoded and views cut on" in result.stdout  # data.decode_on=device
+    assert f"processor: {processor()}" in result.stdout  # figures differ between CPUs
 
 
 def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
@@ -82,6 +85,8 @@ def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
     warm_up = json.loads(saved_at.read_text())["warm_up"]
     assert 2 <= warm_up["rounds"] <= 8 and warm_up["page_faults_in_timed_repeats"] >= 0
     assert f"warm-up: {warm_up['rounds']} round(s); page faults during the timed repeats:" in result.stdout
+    assert json.loads(saved_at.read_text())["processor"] == processor()
+    assert f"processor: {processor()}" in result.stdout
     for layer in ("lrn1 (48 x 55 x 55)", "lrn2 (128 x 27 x 27)"):  # ours against torch's LRN
         assert f"{layer}, one column, fwd+bwd: ours median" in result.stdout
     for layer in ("pool1 (48 x 55 x 55)", "pool2 (128 x 27 x 27)", "pool5 (128 x 13 x 13)"):
@@ -115,6 +120,7 @@ def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
     assert re.search(r"\n     conv2 +[\d.]+ \([\d.]+\) +[\d.]+ \([\d.]+\)\n", result.stdout)
     saved = run("bench", "--report", str(saved_at))
     assert saved.returncode == 0 and "smoke: timings meaningless" in saved.stdout
+    assert f"processor: {processor()}" in saved.stdout
 
 
 def test_bench_commands_check_the_record_path_before_measuring(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from replicate.bench_records import processor
 from replicate.bench_winograd import TILES
 from replicate.winograd import (
     TWO_PASS_INPUT_TRANSFORM,
@@ -23,7 +24,7 @@ from replicate.winograd import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(("m", "r"), [(2, 3), (4, 3), (6, 3), (2, 5), (3, 5)])
+@pytest.mark.parametrize(("m", "r"), [(2, 3), (4, 3), (5, 3), (6, 3), (2, 5), (3, 5), (4, 5)])
 def test_matrices_compute_the_correlation_exactly(m, r):
     at, g, bt = winograd_matrices(m, r)
     n = m + r - 1
@@ -42,7 +43,8 @@ def test_matrices_compute_the_correlation_exactly(m, r):
 
 
 @pytest.mark.parametrize(
-    ("m", "r", "padding", "side"), [(4, 3, 1, 13), (2, 3, 1, 6), (3, 5, 2, 27), (2, 5, 2, 9)]
+    ("m", "r", "padding", "side"),
+    [(5, 3, 1, 13), (4, 3, 1, 13), (2, 3, 1, 6), (4, 5, 2, 27), (3, 5, 2, 27), (2, 5, 2, 9)],
 )
 def test_winograd_convolution_equals_conv2d(m, r, padding, side):
     # sides that are not multiples of m: the last tiles run past the maps into zeros and are cropped
@@ -65,7 +67,16 @@ def _gradients(conv, images, weight, bias, upstream):
     ("m", "r", "padding", "side"),
     # "same" layers as in the net, where the input gradient reuses the convolution itself, and
     # unpadded or over-padded ones, where it is a second convolution padded r - 1 - padding
-    [(4, 3, 1, 13), (2, 3, 1, 6), (3, 5, 2, 27), (2, 3, 0, 9), (2, 3, 2, 7), (3, 5, 0, 12)],
+    [
+        (5, 3, 1, 13),
+        (4, 3, 1, 13),
+        (2, 3, 1, 6),
+        (4, 5, 2, 27),
+        (3, 5, 2, 27),
+        (2, 3, 0, 9),
+        (2, 3, 2, 7),
+        (4, 5, 0, 12),
+    ],
 )
 def test_winograd_gradients_equal_conv2d(m, r, padding, side):
     torch.manual_seed(1)
@@ -80,9 +91,9 @@ def test_winograd_gradients_equal_conv2d(m, r, padding, side):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=what)
 
 
-@pytest.mark.parametrize(("m", "r", "padding"), [(3, 5, 2), (4, 3, 1)])
+@pytest.mark.parametrize(("m", "r", "padding"), [(4, 5, 2), (5, 3, 1), (3, 5, 2), (4, 3, 1)])
 def test_the_two_pass_input_transform_equals_the_one_pass_one(m, r, padding):
-    # the net's tiles, 7 x 7 and 6 x 6: rows, then columns, as two kernels (TWO_PASS_INPUT_TRANSFORM)
+    # the net's tiles, 7 x 7 (both), and others: rows, then columns, as two kernels (TWO_PASS_INPUT_TRANSFORM)
     conv = WinogradConv(m, r, padding, compiled=False)
     assert conv.n >= TWO_PASS_INPUT_TRANSFORM
     x = channels_last_view(torch.randn(2, 5, 11, 11))
@@ -93,12 +104,12 @@ def test_the_two_pass_input_transform_equals_the_one_pass_one(m, r, padding):
 
 
 def test_compiled_transforms_compute_the_same_in_float32():
-    # what the probe times: F(4x4, 3x3) on conv3-like maps, the transforms built by torch.compile,
+    # what the net runs: F(5x5, 3x3) on conv3-like maps, the transforms built by torch.compile,
     # forward and forward + backward
     torch.manual_seed(0)
     images, weight, bias = torch.randn(2, 16, 13, 13), torch.randn(8, 16, 3, 3), torch.randn(8)
     nhwc = channels_last_view(images)
-    eager, compiled = WinogradConv(4, 3, 1, compiled=False), WinogradConv(4, 3, 1)
+    eager, compiled = WinogradConv(5, 3, 1, compiled=False), WinogradConv(5, 3, 1)
     out = compiled.forward_nhwc(nhwc, compiled.kernel_transform(weight), bias)
     expected = eager.forward_nhwc(nhwc, eager.kernel_transform(weight), bias)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -178,6 +189,7 @@ def test_bench_winograd_smoke_mode_runs(tmp_path):
         "conv3 (256 -> 192, 13 x 13, 3 x 3): direct median",
         "conv5 (192 -> 128, 13 x 13, 3 x 3): direct median",
         "F(3,5): median",
+        "F(5,3): median",
         "F(4,3): median",
         "all 4 layers, the faster tile each: direct",
     ):
@@ -185,6 +197,7 @@ def test_bench_winograd_smoke_mode_runs(tmp_path):
     assert "max error of the input gradient" in training
     record = json.loads(saved_at.read_text())
     assert list(record["layers"]) == ["conv2", "conv3", "conv4", "conv5"]
+    assert record["processor"] == processor() and f"processor: {processor()}" in result.stdout
     for entry in record["layers"].values():  # the net's own activations, float32
         forward, training = entry["forward"], entry["training"]
         tiles = [f"F({m},{entry['shape'][3]})" for m in TILES[entry["shape"][3]]]
