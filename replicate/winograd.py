@@ -28,7 +28,7 @@ Matrix = list[list[Fraction]]
 # The tile m of F(m x m, r x r) that `use_winograd` gives a layer with r x r kernels. F(5x5, 3x3) on
 # conv3-conv5's 13 x 13 maps: three tiles a side, 49 products per 25 outputs (15 x 15 computed for
 # 13 x 13); until stop 21 the net took F(4x4, 3x3), which does about 30% more products per output and
-# transforms as many more numbers, and took about 20% longer (`bench-winograd`, BENCHMARKS.md).
+# transforms as many more numbers, and took about 17% longer (`bench-winograd`, BENCHMARKS.md).
 # F(3x3, 5x5) on conv2's 27 x 27, which it tiles exactly. F(4x4, 5x5) was about 8% faster there in a
 # one-off timing, but in the net (tests/test_speed.py) it put conv1's and conv2's weight gradients
 # 4e-3 off (relative norm), against 1e-5 with F(3x3, 5x5). The tiles round further from the exact
