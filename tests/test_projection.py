@@ -42,15 +42,8 @@ def test_the_command_reads_bench_records(tmp_path, capsys):
     data = {"workers": 16, "steady_raw": [5000, 5000, 5000]}
     (tmp_path / "b.json").write_text(json.dumps(bench))
     (tmp_path / "d.json").write_text(json.dumps(data))
-    command = [
-        sys.executable,
-        "-m",
-        "replicate",
-        "project",
-        str(tmp_path / "b.json"),
-        "--data",
-        str(tmp_path / "d.json"),
-    ]
+    records = [str(tmp_path / "b.json"), "--data", str(tmp_path / "d.json")]
+    command = [sys.executable, "-m", "replicate", "project", *records]
     out = subprocess.run(
         [*command, "--contender", "replicate (per-column)", "--gpus", "1"],
         cwd=ROOT,
@@ -76,6 +69,6 @@ def test_the_command_reads_bench_records(tmp_path, capsys):
     # the command as a user does.
     for arguments, message in wrong_arguments.items():
         with pytest.raises(SystemExit) as exit_status:
-            main([*command[4:], *arguments])
+            main([*records, *arguments])
         stderr = capsys.readouterr().err
         assert exit_status.value.code == 2 and message in stderr, stderr
