@@ -92,7 +92,11 @@ def winograd_matrices(m: int, r: int) -> tuple[Matrix, Matrix, Matrix]:
     return at, g, bt
 
 
-def _combine(matrix: Matrix, terms: list[torch.Tensor]) -> list[torch.Tensor]:
+def _floats(matrix: Matrix) -> list[list[float]]:
+    return [[float(value) for value in row] for row in matrix]
+
+
+def _combine(matrix: list[list[float]], terms: list[torch.Tensor]) -> list[torch.Tensor]:
     """matrix @ terms, one tensor per row, skipping zeros (so torch.compile sees only the adds)."""
     rows = []
     for row in matrix:
@@ -105,7 +109,7 @@ def _combine(matrix: Matrix, terms: list[torch.Tensor]) -> list[torch.Tensor]:
     return rows
 
 
-def _sandwich(matrix: Matrix, terms: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+def _sandwich(matrix: list[list[float]], terms: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     """matrix @ T @ matrix^T for a square grid of tensors T, row-major, as a flat list."""
     columns = [_combine(matrix, [row[j] for row in terms]) for j in range(len(terms[0]))]
     return [
@@ -129,7 +133,11 @@ class WinogradConv:
 
     def __init__(self, m: int, r: int, padding: int, compiled: bool = True, _transposes=None) -> None:
         self.m, self.r, self.n, self.padding = m, r, m + r - 1, padding
-        self.at, g, self.bt = winograd_matrices(m, r)
+        at, g, bt = winograd_matrices(m, r)
+        # The transforms see floats, each exactly its fraction's rounding as before: torch.compile traces
+        # a comparison or product of Fractions through fractions.py, which made tracing a training
+        # step's transforms take about 30 s on this repo's 2-core CPU, in every new process.
+        self.at, self.bt, self.a = _floats(at), _floats(bt), _floats(_transpose(at))
         g_matrix = torch.tensor([[float(v) for v in row] for row in g], dtype=torch.float64)
         self.gg = torch.kron(g_matrix, g_matrix)  # (n^2, r^2): the kernel transform G g G^T, flattened
         build = compiled_kernel if compiled else (lambda f: f)
@@ -208,9 +216,7 @@ class WinogradConv:
         m, batch, height, width, kernels = self.m, *grad.shape
         padded = F.pad(grad, (0, 0, 0, m * tiles_w - width, 0, m * tiles_h - height))
         tiles = padded.view(batch, tiles_h, m, tiles_w, m, kernels)
-        return torch.stack(
-            _sandwich(_transpose(self.at), [[tiles[:, :, a, :, b] for b in range(m)] for a in range(m)])
-        )
+        return torch.stack(_sandwich(self.a, [[tiles[:, :, a, :, b] for b in range(m)] for a in range(m)]))
 
     def kernel_transform(self, weight: torch.Tensor) -> torch.Tensor:
         """G g G^T for every kernel, in the weight's dtype: (n^2, C, K). Until stop 20 it ran in float64
