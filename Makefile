@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
+# pytest-xdist's worker processes for `make test` (0: none, in this process). Two on the 2-core
+# development machines: much of the suite's time is one core compiling or waiting on a subprocess.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The modules whose tests need a GPU (skipped without one), with every skip's reason printed.
 test-gpu: $(STAMP)

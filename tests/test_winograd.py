@@ -103,6 +103,16 @@ def test_the_two_pass_input_transform_equals_the_one_pass_one(m, r, padding):
     )
 
 
+def test_the_transforms_read_the_exact_matrices_as_floats():
+    """torch.compile would trace Fraction arithmetic through fractions.py, op by op, in every new
+    process; the transforms get each exact entry rounded once to a float instead."""
+    at, _, bt = winograd_matrices(5, 3)
+    conv = WinogradConv(5, 3, 1, compiled=False)
+    for floats, exact in ((conv.at, at), (conv.bt, bt), (conv.a, [list(c) for c in zip(*at, strict=True)])):
+        assert all(type(value) is float for row in floats for value in row)
+        assert floats == [[float(value) for value in row] for row in exact]
+
+
 def test_compiled_transforms_compute_the_same_in_float32():
     # what the net runs: F(5x5, 3x3) on conv3-like maps, the transforms built by torch.compile,
     # forward and forward + backward
