@@ -327,7 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report", type=Path, nargs="+", help="print saved --json records instead of measuring"
     )
-    parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI: no meaningful timing")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds-long run (CI): batch 2, one repeat of one step, with the device and options given; "
+        "no meaningful timing",
+    )
     args = parser.parse_args(argv)
     if args.report:
         try:
@@ -358,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--conv-algorithm {options.conv_algorithm}: {why_not}")
     kept = keep_freed_memory()  # as every `python -m replicate` command does; applies to all contenders
     if args.smoke:
-        result = run(torch.device("cpu"), batch=2, repeats=1, steps=1, options=Options(channels_last=True))
+        result = run(torch.device(args.device), batch=2, repeats=1, steps=1, options=options)
         result["options"] += " (smoke: timings meaningless)"
     else:
         result = run(torch.device(args.device), args.batch, args.repeats, args.steps, options, args.profile)

@@ -74,8 +74,9 @@ def test_bench_data_smoke_mode_runs():
 
 def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
     saved_at = tmp_path / "records" / "bench.json"  # a folder the run makes
-    result = run("bench", "--smoke", "--json", str(saved_at))
+    result = run("bench", "--smoke", "--channels-last", "--json", str(saved_at))
     assert result.returncode == 0, result.stderr
+    assert "channels_last True" in json.loads(saved_at.read_text())["options"]  # the options given
     assert [path.name for path in saved_at.parent.iterdir()] == ["bench.json"]  # no .partial left
     assert "replicate AlexNet: 0.724 G multiply-adds" in result.stdout
     assert "torchvision alexnet: 0.714 G multiply-adds" in result.stdout
