@@ -211,7 +211,7 @@ def report(result: dict, saved: bool = False) -> str:
         result.get("torch", "?") if saved else f"{torch.__version__}; threads {torch.get_num_threads()}"
     )
     lines = [f"device: {result['device']}; batch {result['batch']}; {result['options']}; torch {versions}"]
-    lines.append(f"processor: {result.get('processor', 'not recorded')}")  # recorded since stop 21
+    lines.append(bench_records.processor_line(result))
     lines.append(f"allocator: {result.get('allocator', 'not recorded')}")
     if "warm_up" in result:  # records before stop 20 warmed up for two rounds and counted no faults
         warm_up = result["warm_up"]
@@ -362,11 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     if why_not:
         parser.error(f"--conv-algorithm {options.conv_algorithm}: {why_not}")
     kept = keep_freed_memory()  # as every `python -m replicate` command does; applies to all contenders
+    batch, repeats, steps = (2, 1, 1) if args.smoke else (args.batch, args.repeats, args.steps)
+    result = run(torch.device(args.device), batch, repeats, steps, options, args.profile)
     if args.smoke:
-        result = run(torch.device(args.device), batch=2, repeats=1, steps=1, options=options)
         result["options"] += " (smoke: timings meaningless)"
-    else:
-        result = run(torch.device(args.device), args.batch, args.repeats, args.steps, options, args.profile)
     result["allocator"] = allocator_note(kept)
     print(report(result))
     if args.json:

@@ -35,6 +35,11 @@ def processor() -> str:
     return f"{name}; {os.cpu_count()} logical cores; {torch.backends.cpu.get_cpu_capability()}"
 
 
+def processor_line(record: dict) -> str:
+    """The report's line naming the record's processor (recorded since stop 21)."""
+    return f"processor: {record.get('processor', 'not recorded')}"
+
+
 class RecordError(ValueError):
     """A record that cannot be read or written; the message names the file."""
 

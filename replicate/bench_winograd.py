@@ -233,7 +233,7 @@ def report(result: dict) -> str:
     lines = [
         f"Winograd against direct convolution, one column, batch {result['batch']}; "
         f"torch {result['torch']}; threads {result['threads']}",
-        f"processor: {result.get('processor', 'not recorded')}",
+        bench_records.processor_line(result),
     ]
     _section(lines, result, "forward", "forward only (Winograd on channels-last input):")
     _section(

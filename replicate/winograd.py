@@ -138,7 +138,7 @@ class WinogradConv:
         # a comparison or product of Fractions through fractions.py, which made tracing a training
         # step's transforms take about 30 s on this repo's 2-core CPU, in every new process.
         self.at, self.bt, self.a = _floats(at), _floats(bt), _floats(_transpose(at))
-        g_matrix = torch.tensor([[float(v) for v in row] for row in g], dtype=torch.float64)
+        g_matrix = torch.tensor(_floats(g), dtype=torch.float64)
         self.gg = torch.kron(g_matrix, g_matrix)  # (n^2, r^2): the kernel transform G g G^T, flattened
         build = compiled_kernel if compiled else (lambda f: f)
         if self.n >= TWO_PASS_INPUT_TRANSFORM:
