@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # The modules whose tests need a GPU (skipped without one), with every skip's reason printed.
 test-gpu: $(STAMP)
-	$(PY) -m pytest -rs tests/test_lrn.py tests/test_lrn_triton.py tests/test_speed.py tests/test_model.py tests/test_data_store.py
+	$(PY) -m pytest -rs tests/test_lrn.py tests/test_lrn_triton.py tests/test_speed.py tests/test_model.py tests/test_data_store.py tests/test_evaluate.py tests/test_figure1.py tests/test_lrn_cifar.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check replicate analysis tests

@@ -167,10 +167,12 @@ def figure3(state: dict) -> tuple[plt.Figure, list[float]]:
 
 @torch.no_grad()
 def fc7_of(model, store, augment, indices: list[int], batch: int = 64) -> torch.Tensor:
-    """FC7 activations (after ReLU) of the centre crops of `indices` in `store`."""
+    """FC7 activations (after ReLU) of the centre crops of `indices` in `store`, computed on the
+    model's device, returned on the CPU."""
     model.eval()
+    device = next(model.parameters()).device
     parts = [
-        model.fc7_features(augment.centre(store.images(indices[i : i + batch])))
+        model.fc7_features(augment.centre(store.images(indices[i : i + batch])).to(device)).cpu()
         for i in range(0, len(indices), batch)
     ]
     return torch.cat(parts)

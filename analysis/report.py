@@ -94,15 +94,18 @@ def make_figure3() -> list[Path] | None:
 def make_figure4(queries: int = 5, neighbours: int = 6, pool_limit: int = 5000) -> list[Path] | None:
     """Test images and their nearest training images by FC7 distance (§6.1), from the newest run;
     up to `pool_limit` training images are searched (evenly spaced through the store)."""
+    from replicate import devices
     from replicate.data.loader import prepare
     from replicate.data.transforms import Augment
     from replicate.runs import load_model, run_config
+    from replicate.speed import set_precision
 
     run = trained_run()
     if run is None:
         return skipped("Figure 4", "no finished run with a checkpoint (make replicate)")
     config = run_config(run)
-    model = load_model(run, config)
+    set_precision("fp32")  # as evaluation: no TF32 convolutions on a GPU
+    model = load_model(run, config).to(devices.resolve(devices.AUTO, "device"))  # wherever the report runs
     prepared = prepare(config.data)
     augment = Augment(config.data.augment, prepared.stats)
     train, test = prepared.train, prepared.eval

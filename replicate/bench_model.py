@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import alexnet
 
-from replicate import bench_records
+from replicate import bench_records, devices
 from replicate.bench_layers import layer_multiply_adds, layer_times, matrix_layer_times, timed
 from replicate.bench_records import FUSED, PER_COLUMN, TORCHVISION
+from replicate.config import ConfigError
 from replicate.lrn import LRNKernel, kernel_unavailable_reason, use_lrn_kernel
 from replicate.lrn_triton import setting_conflict
 from replicate.model import AlexNet
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=devices.AUTO, help="auto (default): the first GPU, else the CPU")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
@@ -344,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n\n".join(report(record, saved=True) for record in records))
         return 0
     bench_records.check_json_option(parser, args.json)
+    try:
+        device = devices.resolve(args.device, "--device")
+    except ConfigError as error:
+        parser.error(str(error))
     compile_mode = args.compile or "default"
     options = Options(
         args.precision,
@@ -353,17 +358,17 @@ def main(argv: list[str] | None = None) -> int:
         compile_mode,
         args.conv_algorithm,
     )
-    why_not = kernel_unavailable_reason(options.lrn_kernel, [torch.device(args.device)])
+    why_not = kernel_unavailable_reason(options.lrn_kernel, [device])
     if options.lrn_kernel == "triton":
         why_not = why_not or setting_conflict(options.compile, options.channels_last)
     if why_not:
         parser.error(f"--lrn-kernel {options.lrn_kernel}: {why_not}")
-    why_not = conv_algorithm_unavailable_reason(options.conv_algorithm, [torch.device(args.device)])
+    why_not = conv_algorithm_unavailable_reason(options.conv_algorithm, [device])
     if why_not:
         parser.error(f"--conv-algorithm {options.conv_algorithm}: {why_not}")
     kept = keep_freed_memory()  # as every `python -m replicate` command does; applies to all contenders
     batch, repeats, steps = (2, 1, 1) if args.smoke else (args.batch, args.repeats, args.steps)
-    result = run(torch.device(args.device), batch, repeats, steps, options, args.profile)
+    result = run(device, batch, repeats, steps, options, args.profile)
     if args.smoke:
         result["options"] += " (smoke: timings meaningless)"
     result["allocator"] = allocator_note(kept)

@@ -77,7 +77,8 @@ def train_epoch(
     training error in percent over its batches (what the 2012 code reported), or None as soon as
     the loss stops being finite (the step is not taken)."""
     model.train()
-    wrong, order = 0, torch.randperm(len(labels), generator=generator)
+    # drawn on the CPU generator, so the order is the same whichever device holds the images
+    wrong, order = 0, torch.randperm(len(labels), generator=generator).to(images.device)
     for begin in range(0, len(order), batch_size):
         batch = order[begin : begin + batch_size]
         logits = model(images[batch])

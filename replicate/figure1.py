@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from replicate import devices
 from replicate.cifar_net import CifarNet, CifarNetConfig, train_epoch
 from replicate.config import ConfigError, Section, to_dict
 from replicate.data.cifar10 import first_images, load_cifar10
@@ -44,9 +45,11 @@ class Figure1Config(Section):
     seeds: list[int] = field(default_factory=lambda: [0])  # seed 0 searches; the rest rerun the kept rate
     exact_subset: bool = False  # swap in the exact pixels of the bundled 10% subset
     out_dir: str = "runs/figure1"
+    device: str = devices.AUTO  # auto: the first GPU when there is one, else the CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        devices.check_name(self.device)  # whether this machine has it: when the run starts
         if not self.seeds or self.seeds[0] != 0 or not self.relu_lrs or not self.tanh_lrs:
             raise ConfigError(
                 "figure1: seeds must start with 0 (the search seed) and each lr grid be non-empty"
@@ -74,7 +77,7 @@ def train_until(
 ) -> dict:
     """Train until the running training error reaches the threshold or `epoch_limit` epochs pass."""
     torch.manual_seed(seed)
-    model = CifarNet(CifarNetConfig(activation=activation))
+    model = CifarNet(CifarNetConfig(activation=activation)).to(images.device)
     optimizer = PaperSGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     curve, reached, diverged = [], None, False
@@ -120,8 +123,16 @@ def search(images, labels, activation: str, lrs: list[float], config: Figure1Con
 
 
 def run_figure1(config: Figure1Config) -> dict:
+    device = devices.resolve(config.device, "device")
     images, labels, what = training_data(config)
-    record: dict = {"dataset": what, "config": to_dict(config), "runs": [], "activations": {}}
+    images, labels = images.to(device), labels.to(device)
+    record: dict = {
+        "dataset": what,
+        "device": devices.describe(device),
+        "config": to_dict(config),
+        "runs": [],
+        "activations": {},
+    }
     for activation, lrs in (("relu", config.relu_lrs), ("tanh", config.tanh_lrs)):
         runs = search(images, labels, activation, lrs, config)
         best = min(runs, key=lambda r: (epochs_of(r), r["curve"][-1]))

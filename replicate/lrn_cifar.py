@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from replicate import devices
 from replicate.cifar_net import CifarNet, CifarNetConfig, train_epoch
 from replicate.config import ConfigError, Section, to_dict
 from replicate.data.cifar10 import first_images, load_cifar10
@@ -39,9 +40,11 @@ class LrnCifarConfig(Section):
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     exact_subset: bool = False  # swap in the exact pixels of the bundled 10% subset
     out_dir: str = "runs/lrn-cifar"
+    device: str = devices.AUTO  # auto: the first GPU when there is one, else the CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        devices.check_name(self.device)  # whether this machine has it: when the run starts
         if self.epochs < 1 or not self.seeds or self.lr <= 0:
             raise ConfigError("lrn-cifar: epochs must be >= 1, seeds non-empty and lr positive")
 
@@ -64,12 +67,12 @@ def test_error(model: CifarNet, images: torch.Tensor, labels: torch.Tensor, batc
 def train_arm(norm: str, seed: int, data: dict, config: LrnCifarConfig) -> dict:
     """One net (norm off or lrn), one seed: training and test error after every epoch."""
     torch.manual_seed(seed)
-    model = CifarNet(CifarNetConfig(norm=norm))
+    images, labels = data["train"]
+    model = CifarNet(CifarNetConfig(norm=norm)).to(images.device)
     optimizer = PaperSGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     generator = torch.Generator().manual_seed(seed)  # the same data order for both arms
-    images, labels = data["train"]
     curve, started = [], time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         drops = sum(epoch > e for e in config.lr_drop_epochs)
@@ -100,12 +103,22 @@ def train_arm(norm: str, seed: int, data: dict, config: LrnCifarConfig) -> dict:
 
 
 def run_lrn_cifar(config: LrnCifarConfig) -> dict:
+    device = devices.resolve(config.device, "device")
     train_x, train_y, what = cifar_tensors("train", config.train_images, config.exact_subset)
     test_x, test_y, _ = cifar_tensors("test", config.test_images, config.exact_subset)
     mean = train_x.mean(0, keepdim=True)  # §2's mean image, from the training images only
-    data = {"train": (train_x - mean, train_y), "test": (test_x - mean, test_y)}
+    data = {
+        "train": ((train_x - mean).to(device), train_y.to(device)),
+        "test": ((test_x - mean).to(device), test_y.to(device)),
+    }
     described = f"{what}: {len(train_y):,} training and {len(test_y):,} test images"
-    record: dict = {"dataset": described, "config": to_dict(config), "runs": [], "arms": {}}
+    record: dict = {
+        "dataset": described,
+        "device": devices.describe(device),
+        "config": to_dict(config),
+        "runs": [],
+        "arms": {},
+    }
     started = time.perf_counter()
     for seed in config.seeds:
         for norm in ("off", "lrn"):

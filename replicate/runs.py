@@ -7,12 +7,14 @@ from pathlib import Path
 
 import torch
 
+from replicate import devices
 from replicate.config import ConfigError, apply_overrides, from_dict, to_dict
 from replicate.data.loader import EpochBatches, StoreDataset, make_loader, prepare
 from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate
 from replicate.experiment import ExperimentConfig, resolve_file
 from replicate.model import AlexNet
+from replicate.speed import set_precision
 from replicate.tracking import write_json
 
 
@@ -39,14 +41,16 @@ def evaluate_runs(
     weights: str = "last",
     overrides: list[str] = (),
     out: Path | None = None,
-    device: str = "cpu",
 ) -> dict:
     """Evaluate one run, or average the softmax of several (the paper's "5 CNNs", §6), on the eval
-    split of the first run's data config (with `overrides`, e.g. another data set or split)."""
+    split of the first run's data config (with `overrides`, e.g. another data set or split), on its
+    `train.device` (auto: the first GPU when there is one; `train.device=cpu` to choose)."""
     configs = [run_config(d, overrides) for d in run_dirs]
     data = configs[0].data
     if any(c.model.num_classes != configs[0].model.num_classes for c in configs):
         raise ConfigError("the runs of an ensemble must have the same number of classes")
+    device = devices.resolve(configs[0].train.device, "train.device")
+    set_precision("fp32")  # the paper's arithmetic: on a GPU, no TF32 convolutions (cuDNN's default)
     models = [load_model(d, c, weights).to(device) for d, c in zip(run_dirs, configs, strict=True)]
     prepared = prepare(data)
     augment = Augment(data.augment, prepared.stats)
@@ -67,6 +71,7 @@ def evaluate_runs(
         "split": data.eval_split,
         "runs": [str(d) for d in run_dirs],
         "weights": weights,
+        "device": devices.describe(device),
         "views": results,
         "data": to_dict(data),
     }

@@ -24,6 +24,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from replicate import devices
 from replicate.config import ConfigError, Section, to_dict
 from replicate.data.device_decode import images_on
 from replicate.data.loader import (
@@ -80,6 +81,11 @@ class TrainConfig(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        devices.check_name(self.device)  # whether this machine has it: when the run starts
+        if self.model_parallel and self.device != devices.AUTO:
+            raise ConfigError(
+                f"model_parallel picks two GPUs per process itself: it needs device=auto, not {self.device}"
+            )
         unknown = [v for v in self.final_views if v not in ("centre", "ten_crop")]
         if unknown:  # found now, not after hours of training
             raise ConfigError(f"final_views: {unknown[0]!r} is not one of ['centre', 'ten_crop']")
@@ -127,16 +133,16 @@ def distributed() -> tuple[int, int, int]:
 
 def choose_devices(config: TrainConfig, local_rank: int) -> list[torch.device]:
     """One device per column under model_parallel (two GPUs per process), else one."""
-    if config.device != "auto":
-        return [torch.device(config.device)]
-    if not torch.cuda.is_available():
-        return [torch.device("cpu")]
-    if config.model_parallel:
+    if config.device != devices.AUTO:
+        return [devices.resolve(config.device, "train.device")]
+    if config.model_parallel:  # checked first: on a machine without GPUs too, not silently ignored
         if torch.cuda.device_count() < 2 * (local_rank + 1):
-            raise TrainingError(
+            raise ConfigError(  # as a device this machine lacks (devices.resolve)
                 f"train.model_parallel needs 2 GPUs per process; {torch.cuda.device_count()} visible"
             )
         return [torch.device("cuda", 2 * local_rank), torch.device("cuda", 2 * local_rank + 1)]
+    if not torch.cuda.is_available():
+        return [torch.device("cpu")]
     return [torch.device("cuda", local_rank)]
 
 

@@ -158,3 +158,25 @@ def test_bench_refuses_the_triton_lrn_where_it_cannot_run():
     )
     wrong = run("bench", "--compile", "max-autotune")
     assert wrong.returncode == 2 and "invalid choice: 'max-autotune'" in wrong.stderr
+
+
+def test_a_device_this_machine_lacks_is_an_error_before_any_work(tmp_path):
+    """cuda:99 on any machine: no such GPU. Named before data, models or run directories are made."""
+    runs = tmp_path / "runs"
+    result = run(
+        "train", "experiments/replicate-bundled.yaml", "train.device=cuda:99", f"train.runs_dir={runs}"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "config error: train.device=cuda:99: " in result.stderr and "CUDA device" in result.stderr
+    assert not runs.exists()
+    # evaluate runs on the run's train.device, which an override changes
+    config = run("config", "experiments/replicate-bundled.yaml")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(config.stdout)
+    result = run("evaluate", str(tmp_path / "run"), "train.device=cuda:99")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "config error: train.device=cuda:99: " in result.stderr
+    result = run("bench", "--smoke", "--device", "cuda:99")
+    assert result.returncode == 2 and "--device=cuda:99: " in result.stderr and "CUDA device" in result.stderr
+    result = run("bench", "--smoke", "--device", "gpu")
+    assert result.returncode == 2 and "'gpu' is not a device" in result.stderr

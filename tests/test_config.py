@@ -1,10 +1,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from replicate.config import ConfigError, parse_override
 from replicate.experiment import ExperimentConfig, load_experiment
 from replicate.model import AlexNet, ModelConfig
+from replicate.train import TrainConfig, choose_devices
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -36,6 +38,11 @@ def test_overrides_are_typed_and_nested():
         (["train.final_views=[centre, tencrop]"], "final_views: 'tencrop' is not one of"),
         (["data.augment.colour_noise=pca"], "data.augment.colour_noise = 'pca' is not one of"),
         (["optim.patience=0"], "optim.patience >= 1|patience >= 1"),
+        (["train.device=gpu"], "train.device: 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
+        (
+            ["train.model_parallel=true", "train.device=cpu"],
+            "train.model_parallel .* needs device=auto, not cpu",
+        ),
     ],
 )
 def test_bad_keys_and_values_name_the_key_and_file(overrides, message):
@@ -70,3 +77,10 @@ def test_override_values_are_read_as_yaml():
     assert parse_override("model.lrn_k=1e-1") == (["model", "lrn_k"], 0.1)
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("name=") == (["name"], "")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="two GPUs would run it")
+def test_model_parallel_without_two_gpus_is_an_error_not_ignored():
+    """Until stop 23 a machine without a GPU trained on its CPU, one device, as if not asked."""
+    with pytest.raises(ConfigError, match=r"model_parallel needs 2 GPUs per process; \d visible"):
+        choose_devices(TrainConfig(model_parallel=True), local_rank=0)

@@ -1,7 +1,10 @@
+import pytest
 import torch
 from torch import nn
 
 from replicate.evaluate import average_softmax, evaluate, topk_correct
+from replicate.model import AlexNet
+from replicate.speed import set_precision
 
 
 class MeanColour(nn.Module):
@@ -49,3 +52,20 @@ def test_a_single_view_batch_is_one_view_per_image():
     views = torch.randn(5, 3, 8, 8)
     model = MeanColour(3)
     torch.testing.assert_close(average_softmax([model], views), model(views).softmax(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_ten_crop_evaluation_on_the_gpu_equals_the_cpu():
+    """`evaluate` runs on the run's train.device (auto: the GPU), in fp32 as `evaluate_runs` sets it."""
+    set_precision("fp32")
+    generator = torch.Generator().manual_seed(0)
+    views = torch.rand(4, 10, 3, 224, 224, generator=generator) * 255 - 128
+    labels = torch.tensor([0, 3, 7, 9])
+    model = AlexNet(10).eval()
+    on_cpu = average_softmax([model], views)
+    model.cuda()
+    torch.testing.assert_close(average_softmax([model], views.cuda()).cpu(), on_cpu, rtol=1e-4, atol=1e-6)
+    result = evaluate([model], [(views, labels)], "cuda", progress=False)
+    assert result["images"] == 4 and result["loss"] == pytest.approx(
+        -on_cpu[torch.arange(4), labels].log().mean().item(), rel=1e-4
+    )

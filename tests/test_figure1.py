@@ -34,6 +34,8 @@ def test_the_four_layer_net_has_the_layers_18pct_shapes():
 def test_the_search_seed_comes_first():
     with pytest.raises(ConfigError, match="seeds must start with 0"):
         Figure1Config(seeds=[1])
+    with pytest.raises(ConfigError, match="device: 'gpu' is not a device"):
+        Figure1Config(device="gpu")
 
 
 def figure1(*overrides: str) -> subprocess.CompletedProcess:
@@ -52,6 +54,7 @@ def test_a_short_figure1_run_records_epochs_to_threshold_or_not_reached(tmp_path
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "figure1.json").read_text())
     assert record["dataset"] == "JPEG-compressed CIFAR-10, the first 512 training images"
+    assert record["device"].split()[0] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # device: auto
     assert record["activations"]["relu"]["epochs_to_threshold"] == [1]  # 99%: reached at once
     assert record["tanh_over_relu"] == 1.0 and record["paper_tanh_over_relu"] == 6.0
     assert "paper about 6" in result.stdout and "JPEG-compressed CIFAR-10" in result.stdout

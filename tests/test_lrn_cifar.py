@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from replicate.config import ConfigError
 from replicate.data.sources import BUNDLED_DIR
@@ -29,6 +30,7 @@ def test_a_short_run_records_both_arms_the_difference_and_the_paper(tmp_path):
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "lrn-cifar.json").read_text())
     assert record["dataset"] == "JPEG-compressed CIFAR-10: 256 training and 200 test images"
+    assert record["device"].split()[0] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # device: auto
     assert [(r["norm"], r["seed"]) for r in record["runs"]] == [
         ("off", 0),
         ("lrn", 0),
@@ -46,3 +48,8 @@ def test_a_short_run_records_both_arms_the_difference_and_the_paper(tmp_path):
     assert len(curves) == 8 and set(curves["norm"]) == {"off", "lrn"}
     typo = subprocess.run([*command, "epochz=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert typo.returncode == 2 and "epochz" in typo.stderr
+    missing = subprocess.run(
+        [*command, "device=cuda:99"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )  # a GPU this machine lacks: named before any data is read
+    assert missing.returncode == 2 and "device=cuda:99: " in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -213,6 +213,7 @@ def test_make_replicate_style_run_ends_with_a_labelled_table(tmp_path):
     record = json.loads((tmp_path / "replicate-bundled" / "ensemble-of-2" / "evaluation.json").read_text())
     single = json.loads((run_dir / "evaluation.json").read_text())["views"]["ten_crop"]
     assert record["runs"] == [str(run_dir)] * 2
+    assert record["device"].split()[0] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # train.device
     assert record["views"]["ten_crop"]["top1_error"] == single["top1_error"]
     assert abs(record["views"]["ten_crop"]["loss"] - single["loss"]) < 1e-4
 
