@@ -134,7 +134,13 @@ def distributed() -> tuple[int, int, int]:
 def choose_devices(config: TrainConfig, local_rank: int) -> list[torch.device]:
     """One device per column under model_parallel (two GPUs per process), else one."""
     if config.device != devices.AUTO:
-        return [devices.resolve(config.device, "train.device")]
+        device = devices.resolve(config.device, "train.device")
+        if device.type == "cuda" and device.index is None:  # under torchrun: each process its own GPU
+            device = torch.device("cuda", local_rank)
+            problem = devices.availability_problem(device)
+            if problem:
+                raise ConfigError(f"train.device=cuda, the process of local rank {local_rank}: {problem}")
+        return [device]
     if config.model_parallel:  # checked first: on a machine without GPUs too, not silently ignored
         if torch.cuda.device_count() < 2 * (local_rank + 1):
             raise ConfigError(  # as a device this machine lacks (devices.resolve)

@@ -79,8 +79,19 @@ def test_override_values_are_read_as_yaml():
     assert parse_override("name=") == (["name"], "")
 
 
-@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="two GPUs would run it")
-def test_model_parallel_without_two_gpus_is_an_error_not_ignored():
+def test_model_parallel_without_two_gpus_is_an_error_not_ignored(monkeypatch):
     """Until stop 23 a machine without a GPU trained on its CPU, one device, as if not asked."""
-    with pytest.raises(ConfigError, match=r"model_parallel needs 2 GPUs per process; \d visible"):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"model_parallel needs 2 GPUs per process; 1 visible"):
         choose_devices(TrainConfig(model_parallel=True), local_rank=0)
+
+
+def test_train_device_cuda_gives_each_torchrun_process_its_own_gpu(monkeypatch):
+    """`cuda` with no index is the GPU of the process's local rank, as `auto` picks it; `cuda:N` is N."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert choose_devices(TrainConfig(device="cuda"), local_rank=1) == [torch.device("cuda", 1)]
+    assert choose_devices(TrainConfig(device="cuda:0"), local_rank=1) == [torch.device("cuda", 0)]
+    with pytest.raises(ConfigError, match="local rank 2: only 2 CUDA device"):
+        choose_devices(TrainConfig(device="cuda"), local_rank=2)
+    with pytest.raises(ConfigError, match="train.device=cuda:2: only 2 CUDA device"):
+        choose_devices(TrainConfig(device="cuda:2"), local_rank=0)
