@@ -29,6 +29,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from replicate import bench_records
+from replicate.arguments import whole_number
 from replicate.data.device_decode import images_on
 from replicate.data.imagenet import image_folder
 from replicate.data.loader import DataConfig, EpochBatches, StoreDataset, make_loader
@@ -261,13 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=3, help="epochs over the photos per repeat")
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--workers", type=whole_number(0), default=2)
+    parser.add_argument("--repeats", type=whole_number(1), default=5)
+    parser.add_argument("--epochs", type=whole_number(1), default=3, help="epochs over the photos per repeat")
+    parser.add_argument("--batch-size", type=whole_number(1), default=50)
     parser.add_argument(
         "--steady",
-        type=int,
+        type=whole_number(0),
         default=0,
         help="also time the loader over the store read this many times per epoch",
     )

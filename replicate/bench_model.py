@@ -24,6 +24,7 @@ from torch import nn
 from torchvision.models import alexnet
 
 from replicate import bench_records, devices
+from replicate.arguments import whole_number
 from replicate.bench_layers import layer_multiply_adds, layer_times, matrix_layer_times, timed
 from replicate.bench_records import FUSED, PER_COLUMN, TORCHVISION
 from replicate.config import ConfigError
@@ -297,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--device", default=devices.AUTO, help="auto (default): the first GPU, else the CPU")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
+    parser.add_argument("--batch", type=whole_number(1), default=128)
+    parser.add_argument("--repeats", type=whole_number(1), default=5)
+    parser.add_argument("--steps", type=whole_number(1), default=2, help="steps per timed repeat")
     parser.add_argument("--precision", choices=get_args(Precision), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument(

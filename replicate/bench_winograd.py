@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicate import bench_records
+from replicate.arguments import whole_number
 from replicate.bench_layers import matrix_layers_at_work, timed
 from replicate.model import AlexNet
 from replicate.winograd import WinogradConv, channels_last_view, conv_algorithm_unavailable_reason
@@ -251,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=whole_number(1), default=128)
+    parser.add_argument("--repeats", type=whole_number(1), default=5)
     parser.add_argument("--json", type=Path, help="also write the timings here")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI: no meaningful timing")
     args = parser.parse_args(argv)

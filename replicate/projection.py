@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replicate import bench_records
+from replicate.arguments import positive_number
 
 ILSVRC2012_TRAIN = 1_281_167
 ILSVRC2012_VAL = 50_000
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "the GPU: data.decode_on=device), gpu_jpeg (older records: nvjpeg decode and crop alone)",
     )
     parser.add_argument("--gpus", type=gpu_counts, default="1,2,4,8", help="comma-separated GPU counts")
-    parser.add_argument("--bandwidth", type=float, default=300.0, help="all-reduce GB/s (assumed)")
+    parser.add_argument("--bandwidth", type=positive_number, default=300.0, help="all-reduce GB/s (assumed)")
     args = parser.parse_args(argv)
     try:  # every record read and checked before anything is printed
         data = bench_records.read(args.data, "python -m replicate bench-data", bench_records.DATA_KEYS)

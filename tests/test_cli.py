@@ -136,6 +136,20 @@ def test_bench_commands_check_the_record_path_before_measuring(tmp_path):
     assert list(tmp_path.iterdir()) == [not_a_folder]
 
 
+def test_bench_counts_that_cannot_work_are_usage_errors_naming_the_option():
+    h100 = ["analysis/benchmarks/h100/fp32.json", "--data", "analysis/benchmarks/h100/data.json"]
+    expected = {
+        ("bench", "--repeats", "0"): "argument --repeats: expected a whole number >= 1, got 0",
+        ("bench", "--steps", "two"): "argument --steps: expected a whole number, got 'two'",
+        ("bench-winograd", "--batch", "0"): "argument --batch: expected a whole number >= 1, got 0",
+        ("bench-data", "--workers", "-1"): "argument --workers: expected a whole number >= 0, got -1",
+        ("project", *h100, "--bandwidth", "0"): "argument --bandwidth: expected a number above 0, got 0",
+    }
+    for args, message in expected.items():
+        wrong = run(*args)
+        assert wrong.returncode == 2 and message in wrong.stderr, wrong.stderr
+
+
 def test_bench_report_names_a_file_that_is_no_bench_record(tmp_path):
     missing, garbled, other = tmp_path / "missing.json", tmp_path / "garbled.json", tmp_path / "other.json"
     garbled.write_text('{"device": "cpu", "rates"')
