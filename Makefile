@@ -22,7 +22,8 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
-# The modules whose tests need a GPU (skipped without one), with every skip's reason printed.
+# The modules whose tests need a GPU (skipped without one), with every skip's reason printed, and the
+# CIFAR-10 ones, whose runs take the GPU when there is one (device: auto).
 test-gpu: $(STAMP)
 	$(PY) -m pytest -rs tests/test_lrn.py tests/test_lrn_triton.py tests/test_speed.py tests/test_model.py tests/test_data_store.py tests/test_evaluate.py tests/test_figure1.py tests/test_lrn_cifar.py
 

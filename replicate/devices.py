@@ -1,6 +1,6 @@
-"""Device names as configs and command lines give them (`train.device`, `bench --device`): checked
-before any work starts, so that a typo or a missing GPU is an error that names it, not a traceback
-from the first tensor moved there."""
+"""Device names as configs and command lines give them (`train.device`, the CIFAR-10 configs' `device`,
+`bench --device`): checked before any work starts, so that a typo or a missing GPU is an error that
+names it, not a traceback from the first tensor moved there."""
 
 from __future__ import annotations
 
