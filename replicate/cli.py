@@ -185,7 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                 "--run-dir", help="where the run goes (default: <train.runs_dir>/<name>/seed<seed>)"
             )
     evaluation = commands.add_parser("evaluate", help="evaluate runs; several form an ensemble (§6)")
-    evaluation.add_argument("runs", nargs="+", metavar="RUN_DIR|key=value")
+    evaluation.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR|key=value",
+        help="run directories (several: an ensemble) and overrides of their config, e.g. "
+        "train.device=cpu (default: the run's own, auto: the GPU when there is one) or data.eval_split=test",
+    )
     evaluation.add_argument(
         "--views", nargs="+", default=["centre", "ten_crop"], choices=["centre", "ten_crop"]
     )
