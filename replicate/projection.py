@@ -92,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--pipeline",
-        default="steady_raw",
-        help="which measured input pipeline feeds the GPU: steady_raw (raw store, views cut by CPU "
-        "workers), steady_raw_device (raw store, views cut on the GPU: data.augment_on=device), "
+        default="steady_raw_device",
+        help="which measured input pipeline feeds the GPU: steady_raw_device (default: raw store, views "
+        "cut on the GPU, as data.augment_on=auto does there), steady_raw (raw store, views cut by CPU "
+        "workers: data.augment_on=workers), "
         "steady_jpeg (JPEG store, CPU decode), steady_jpeg_device (JPEG store decoded and views cut on "
         "the GPU: data.decode_on=device), gpu_jpeg (older records: nvjpeg decode and crop alone)",
     )

@@ -234,8 +234,9 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
         )
+        self.training_mode = training_mode(config.data, self.devices[0])  # data.augment_on=auto: by device
         self.loader = make_loader(
-            StoreDataset(self.prepared.train, self.augment, training_mode(config.data)),
+            StoreDataset(self.prepared.train, self.augment, self.training_mode),
             self.sampler,
             config.data,
         )
@@ -434,7 +435,11 @@ def run_training(config, run_dir: Path | None = None, resume: bool = False) -> P
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        write_json(run_dir / "environment.json", environment([str(d) for d in trainer.devices]))
+        views_cut = "on the device" if trainer.training_mode != "train" else "in the loader workers"
+        write_json(
+            run_dir / "environment.json",
+            {**environment([str(d) for d in trainer.devices]), "training_views_cut": views_cut},
+        )
         tracker = Tracker(run_dir, config.tracking, config.name, to_dict(config), config.train.seed, resume)
         if resume:  # rows logged after the checkpoint will be logged again
             tracker.steps.truncate_after("step", trainer.position.step)

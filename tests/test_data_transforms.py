@@ -4,7 +4,7 @@ import torch
 
 from replicate.config import ConfigError
 from replicate.data.imagenet import ImageRef, Split
-from replicate.data.loader import DataConfig, EpochBatches, StoreDataset, make_loader
+from replicate.data.loader import DataConfig, EpochBatches, StoreDataset, make_loader, training_mode
 from replicate.data.store import ImageStore, StoreSpec, build_store
 from replicate.data.transforms import Augment, AugmentConfig, crop_offsets
 from tests.conftest import encode
@@ -215,3 +215,16 @@ def test_a_planned_batch_cut_later_equals_the_batch_cut_at_once(variant):
         if variant:
             view = view / 1.1
         torch.testing.assert_close(augment.apply_plan(images, plan)[row], view)
+
+
+def test_views_are_cut_on_a_gpu_and_in_the_workers_on_a_cpu_by_default():
+    """data.augment_on=auto picks where, by the training device; the views are the same either way
+    (test_train, and on a GPU test_speed)."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # only the type is read: no GPU needed
+    assert training_mode(DataConfig(), cpu) == "train" and training_mode(DataConfig(), gpu) == "train_plan"
+    assert training_mode(DataConfig(augment_on="workers"), gpu) == "train"
+    assert training_mode(DataConfig(augment_on="device"), cpu) == "train_plan"
+    jpeg = DataConfig(store_format="jpeg", decode_on="device")  # decoded where the views are cut
+    assert training_mode(jpeg, cpu) == training_mode(jpeg, gpu) == "train_encoded"
+    with pytest.raises(ConfigError, match="needs store_format=jpeg and augment_on=device or auto"):
+        DataConfig(store_format="jpeg", decode_on="device", augment_on="workers")

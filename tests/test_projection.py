@@ -39,7 +39,7 @@ def test_the_command_reads_bench_records(tmp_path, capsys):
             "ten_crop": {"replicate (per-column)": [500, 500, 500]},
         },
     }
-    data = {"workers": 16, "steady_raw": [5000, 5000, 5000]}
+    data = {"workers": 16, "steady_raw": [300, 300, 300], "steady_raw_device": [5000, 5000, 5000]}
     (tmp_path / "b.json").write_text(json.dumps(bench))
     (tmp_path / "d.json").write_text(json.dumps(data))
     records = [str(tmp_path / "b.json"), "--data", str(tmp_path / "d.json")]
@@ -57,6 +57,7 @@ def test_the_command_reads_bench_records(tmp_path, capsys):
     by_default = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert by_default.returncode == 0, by_default.stderr  # the default contender: the default path
     assert "replicate (per-column): train 1000 img/s" in by_default.stdout
+    assert "input pipeline: steady_raw_device," in by_default.stdout  # as training on a GPU feeds itself
     wrong_arguments = {
         ("--pipeline", "gpu_jpeg"): "--pipeline gpu_jpeg: not measured in",
         ("--contender", "replicate (fused)"): "--contender 'replicate (fused)': not in",

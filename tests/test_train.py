@@ -234,7 +234,10 @@ def same_run_with(root: Path, common: list[str], *device_options: str) -> str | 
 def test_views_cut_on_the_device_train_the_same_weights_as_views_cut_in_workers(tmp_path):
     """data.augment_on=device: the workers send uint8 images and the random draws, the training
     device cuts the views. Same draws, same pixels: the same run (deterministic CPU)."""
-    assert same_run_with(tmp_path, [], "data.augment_on=device") is None
+    assert same_run_with(tmp_path, ["data.augment_on=workers"], "data.augment_on=device") is None
+    for name, where in (("workers", "in the loader workers"), ("device", "on the device")):
+        environment = json.loads((tmp_path / name / "baseline" / "seed0" / "environment.json").read_text())
+        assert environment["training_views_cut"] == where  # what augment_on=auto chose is recorded too
 
 
 def test_a_jpeg_store_decoded_on_the_device_trains_the_same_weights_as_decoded_in_workers(tmp_path):

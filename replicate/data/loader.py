@@ -42,11 +42,13 @@ class DataConfig(Section):
     persistent_workers: bool = True
     # Where training views are cut: workers (crop, flip, mean, colour noise in the loader
     # processes) or device (the workers send uint8 images and the random draws; the training
-    # device does the pixel work: the same views, and far less CPU per image).
-    augment_on: Literal["workers", "device"] = "workers"
+    # device does the pixel work: the same views, and far less CPU per image). auto: device when
+    # training on a GPU (on the H100, 3.6x the images/s of 16 CPU workers: BENCHMARKS.md), else
+    # workers (on a CPU the workers run beside the training process).
+    augment_on: Literal["auto", "workers", "device"] = "auto"
     # Where a JPEG store is decoded: workers (PIL) or device (the workers send the compressed
     # bytes; the training device decodes the batch, with nvjpeg on a GPU). Needs
-    # store_format=jpeg and augment_on=device.
+    # store_format=jpeg, and the views cut on the device too (augment_on device or auto).
     decode_on: Literal["workers", "device"] = "workers"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -54,10 +56,10 @@ class DataConfig(Section):
         super().__post_init__()
         if self.batch_size < 1 or self.workers < 0 or self.limit_per_class < 0:
             raise ConfigError("batch_size must be >= 1, workers and limit_per_class >= 0")
-        if self.decode_on == "device" and (self.store_format != "jpeg" or self.augment_on != "device"):
+        if self.decode_on == "device" and (self.store_format != "jpeg" or self.augment_on == "workers"):
             raise ConfigError(
                 "decode_on=device decodes a JPEG store where the views are cut, so it needs "
-                "store_format=jpeg and augment_on=device (got store_format="
+                "store_format=jpeg and augment_on=device or auto (got store_format="
                 f"{self.store_format}, augment_on={self.augment_on})"
             )
 
@@ -182,10 +184,19 @@ class EpochBatches(Sampler):
 TRAINING_MODES = ("train", "train_plan", "train_encoded")
 
 
-def training_mode(config: DataConfig) -> str:
+def augments_on_device(config: DataConfig, device: torch.device) -> bool:
+    """Whether the training device cuts the views: augment_on=device, or auto on a GPU (and under
+    decode_on=device, which decodes where the views are cut)."""
+    if config.augment_on == "auto":
+        return device.type == "cuda" or config.decode_on == "device"
+    return config.augment_on == "device"
+
+
+def training_mode(config: DataConfig, device: torch.device) -> str:
+    """What the loader sends for training on `device` (TRAINING_MODES)."""
     if config.decode_on == "device":
         return "train_encoded"
-    return "train_plan" if config.augment_on == "device" else "train"
+    return "train_plan" if augments_on_device(config, device) else "train"
 
 
 class StoreDataset(Dataset):
