@@ -42,19 +42,28 @@ def availability_problem(device: torch.device) -> str | None:
     return None
 
 
-def resolve(name: str, key: str) -> torch.device:
-    """The device `name` stands for on this machine; a ConfigError naming `key` if there is none."""
-    if name == AUTO:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    problem = name_problem(name) or availability_problem(torch.device(name))
+def resolve(name: str, key: str, local_rank: int = 0) -> torch.device:
+    """The device `name` stands for on this machine, in the process of `local_rank` under torchrun:
+    `auto` and `cuda` with no index are that process's GPU (`auto`: the CPU when there is no GPU).
+    A ConfigError naming `key` if this machine has no such device."""
+    if name == AUTO and not torch.cuda.is_available():
+        return torch.device("cpu")
+    where, problem = f"{key}={name}", name_problem(name)
     if problem:
-        raise ConfigError(f"{key}={name}: {problem}")
-    return torch.device(name)
+        raise ConfigError(f"{where}: {problem}")
+    device = torch.device("cuda" if name == AUTO else name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+        if local_rank:
+            where += f", the process of local rank {local_rank}"
+    problem = availability_problem(device)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    return device
 
 
 def describe(device: torch.device) -> str:
-    """What a record says it ran on: `cpu`, or `cuda:0 (NVIDIA H100 80GB HBM3)`."""
+    """What a record says it ran on: `cpu`, or `cuda:0 (NVIDIA H100 80GB HBM3)` (a device of `resolve`)."""
     if device.type != "cuda":
         return str(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return f"{device} ({torch.cuda.get_device_name(device)})"

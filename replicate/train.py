@@ -133,23 +133,13 @@ def distributed() -> tuple[int, int, int]:
 
 def choose_devices(config: TrainConfig, local_rank: int) -> list[torch.device]:
     """One device per column under model_parallel (two GPUs per process), else one."""
-    if config.device != devices.AUTO:
-        device = devices.resolve(config.device, "train.device")
-        if device.type == "cuda" and device.index is None:  # under torchrun: each process its own GPU
-            device = torch.device("cuda", local_rank)
-            problem = devices.availability_problem(device)
-            if problem:
-                raise ConfigError(f"train.device=cuda, the process of local rank {local_rank}: {problem}")
-        return [device]
-    if config.model_parallel:  # checked first: on a machine without GPUs too, not silently ignored
+    if config.model_parallel:  # device=auto (TrainConfig); on a machine without GPUs too, not ignored
         if torch.cuda.device_count() < 2 * (local_rank + 1):
             raise ConfigError(  # as a device this machine lacks (devices.resolve)
                 f"train.model_parallel needs 2 GPUs per process; {torch.cuda.device_count()} visible"
             )
         return [torch.device("cuda", 2 * local_rank), torch.device("cuda", 2 * local_rank + 1)]
-    if not torch.cuda.is_available():
-        return [torch.device("cpu")]
-    return [torch.device("cuda", local_rank)]
+    return [devices.resolve(config.device, "train.device", local_rank)]
 
 
 def save_atomic(state: dict, path: Path) -> None:

@@ -89,6 +89,8 @@ def test_model_parallel_without_two_gpus_is_an_error_not_ignored(monkeypatch):
 def test_train_device_cuda_gives_each_torchrun_process_its_own_gpu(monkeypatch):
     """`cuda` with no index is the GPU of the process's local rank, as `auto` picks it; `cuda:N` is N."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_devices(TrainConfig(), local_rank=1) == [torch.device("cuda", 1)]  # device=auto
     assert choose_devices(TrainConfig(device="cuda"), local_rank=1) == [torch.device("cuda", 1)]
     assert choose_devices(TrainConfig(device="cuda:0"), local_rank=1) == [torch.device("cuda", 0)]
     with pytest.raises(ConfigError, match="local rank 2: only 2 CUDA device"):
