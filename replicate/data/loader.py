@@ -184,19 +184,14 @@ class EpochBatches(Sampler):
 TRAINING_MODES = ("train", "train_plan", "train_encoded")
 
 
-def augments_on_device(config: DataConfig, device: torch.device) -> bool:
-    """Whether the training device cuts the views: augment_on=device, or auto on a GPU (and under
-    decode_on=device, which decodes where the views are cut)."""
-    if config.augment_on == "auto":
-        return device.type == "cuda" or config.decode_on == "device"
-    return config.augment_on == "device"
-
-
 def training_mode(config: DataConfig, device: torch.device) -> str:
-    """What the loader sends for training on `device` (TRAINING_MODES)."""
+    """What the loader sends for training on `device` (TRAINING_MODES): the compressed bytes under
+    decode_on=device (decoded where the views are cut); the uint8 images and their draws where the
+    device cuts the views (augment_on=device, or auto on a GPU); else the views themselves."""
     if config.decode_on == "device":
         return "train_encoded"
-    return "train_plan" if augments_on_device(config, device) else "train"
+    on_device = config.augment_on == "device" or (config.augment_on == "auto" and device.type == "cuda")
+    return "train_plan" if on_device else "train"
 
 
 class StoreDataset(Dataset):
