@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Rebuilt when missing or older than pyproject.toml (the dependency list).
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint replicate ablations figure1 prepare bench bench-data bench-gpu lrn-cifar report clean-venv
+.PHONY: install test test-fast test-gpu lint replicate ablations figure1 prepare bench bench-data bench-gpu lrn-cifar report clean-venv
 
 install: $(STAMP)
 
@@ -15,24 +15,33 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-# pytest-xdist's worker processes for `make test` (0: none, in this process). Two on the 2-core
-# development machines: much of the suite's time is one core compiling or waiting on a subprocess.
+# pytest-xdist's worker processes for `make test` (0: none, in this process). Two suit a 2-core CPU:
+# much of the suite's time is one core compiling or waiting on a subprocess.
 TEST_WORKERS ?= 2
 
+# Every test (CI runs this).
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+# The unit tests only, for the edit-test loop: no test marked slow (end-to-end runs, notebooks).
+test-fast: $(STAMP)
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 # The modules whose tests need a GPU (skipped without one), with every skip's reason printed, and the
 # CIFAR-10 ones, whose runs take the GPU when there is one (device: auto).
 test-gpu: $(STAMP)
-	$(PY) -m pytest -rs tests/test_lrn.py tests/test_lrn_triton.py tests/test_speed.py tests/test_model.py tests/test_data_store.py tests/test_evaluate.py tests/test_figure1.py tests/test_lrn_cifar.py
+	$(PY) -m pytest -rs tests/test_lrn.py tests/kernels/test_lrn_triton.py tests/test_speed.py tests/test_model.py tests/test_data_store.py tests/test_evaluate.py tests/cifar
 
 lint: $(STAMP)
 	$(PY) -m ruff check replicate analysis tests
 	$(PY) -m ruff format --check replicate analysis tests
 
+# The run `make replicate` trains: experiments/replicate-bundled.yaml, or baseline.yaml with DATA=.
+REPLICATE_RUN = runs/$(if $(DATA),baseline,replicate-bundled)/seed0
+
 replicate: $(STAMP)
 	$(PY) -m replicate replicate $(if $(DATA),data.root=$(DATA))
+	$(PY) -m analysis.tables $(REPLICATE_RUN)
 
 # The paper's ablations, 3 seeds each: the bundled preset, or DATA=/path/to/ILSVRC2012 for the full one.
 ablations: $(STAMP)
@@ -55,8 +64,8 @@ prepare: $(STAMP)
 	$(PY) -m replicate prepare experiments/baseline.yaml $(if $(DATA),data.root=$(DATA) data.dataset=ilsvrc2012)
 
 # The network's training and 10-crop images/s against torchvision's alexnet (BENCHMARKS.md): every
-# default; the LRN as kernels fused by torch.compile (train.lrn_kernel=compiled); that and conv2-conv5
-# by Winograd (train.conv_algorithm=winograd); then Winograd against direct convolution layer by layer.
+# default; the LRN as kernels fused by torch.compile (speed.lrn_kernel=compiled); that and conv2-conv5
+# by Winograd (speed.conv_algorithm=winograd); then Winograd against direct convolution layer by layer.
 bench: $(STAMP)
 	$(PY) -m replicate bench
 	$(PY) -m replicate bench --lrn-kernel compiled

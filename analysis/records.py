@@ -27,13 +27,13 @@ def load_records(root: str | Path) -> pd.DataFrame:
     for evaluation_path in sorted(Path(root).rglob("evaluation.json")):
         run_dir = evaluation_path.parent
         evaluation = json.loads(evaluation_path.read_text())
-        if "runs" in evaluation:  # an ensemble (runs.evaluate_runs): its members' configs
-            members = [Path(m) for m in evaluation["runs"]]
-            config = _config(members[0]) if members else {}
+        members = [Path(member["dir"]) for member in evaluation.get("runs", [])]
+        if len(members) > 1:  # an ensemble (runs.evaluate_runs): its members' configs
+            config = _config(members[0])
             name, seed, kind = run_dir.name, None, "ensemble"
             claim = "ensemble_5cnns" if name.startswith("ensemble") else ""
         else:
-            config = _config(run_dir)
+            config = _config(run_dir) or (_config(members[0]) if members else {})
             ablation = config.get("ablation", {}) or {}
             name, kind = config.get("name", run_dir.parent.name), ablation.get("kind", "train")
             seed, claim = config.get("train", {}).get("seed"), ablation.get("claim", "")

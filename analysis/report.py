@@ -97,15 +97,13 @@ def make_figure4(queries: int = 5, neighbours: int = 6, pool_limit: int = 5000) 
     from replicate import devices
     from replicate.data.loader import prepare
     from replicate.data.transforms import Augment
-    from replicate.runs import load_model, run_config
-    from replicate.speed import set_precision
+    from replicate.runs import load_weights, run_config
 
     run = trained_run()
     if run is None:
         return skipped("Figure 4", "no finished run with a checkpoint (make replicate)")
-    config = run_config(run)
-    set_precision("fp32")  # as evaluation: no TF32 convolutions on a GPU
-    model = load_model(run, config).to(devices.resolve(devices.AUTO, "device"))  # wherever the report runs
+    config = run_config(run, ["speed.precision=fp32"])  # no TF32 convolutions on a GPU
+    model, _ = load_weights(run, config, devices.resolve(devices.AUTO, "device"))  # wherever the report runs
     prepared = prepare(config.data)
     augment = Augment(config.data.augment, prepared.stats)
     train, test = prepared.train, prepared.eval

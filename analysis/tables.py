@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-# --- Tables 1 and 2, the ablation table, the CIFAR-10 results (issue: analysis) -------------------
+# --- Tables 1 and 2, the ablation table, the CIFAR-10 results -------------------
 
 PROTOCOLS = ("ten_crop", "centre")  # the paper's protocol first (§4.1)
 BASELINE_MODELS = {"table1_cnn", "table2_1cnn"}  # rows measured by this repository's baseline runs
@@ -362,3 +363,18 @@ def all_tables(runs_root: str | Path, wandb_project: str | None = None) -> dict[
             json.loads(figure1.read_text()) if figure1 else None, json.loads(lrn.read_text()) if lrn else None
         ),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m analysis.tables RUN_DIR`: the run's errors beside the paper's, as a Markdown table."""
+    parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=main.__doc__)
+    parser.add_argument("run_dir", type=Path, help="a finished run (its evaluation.json)")
+    args = parser.parse_args(argv)
+    if not (args.run_dir / "evaluation.json").is_file():
+        parser.error(f"{args.run_dir}: no evaluation.json (is the run finished?)")
+    print(markdown(replication_table(args.run_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

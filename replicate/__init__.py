@@ -1,5 +1,5 @@
 """alexnet-2012: the 2012 AlexNet (Krizhevsky, Sutskever, Hinton), replicated in PyTorch."""
 
-from replicate.mkl_dispatch import resolve_vml_dispatch
+from replicate.kernels.mkl_dispatch import resolve_vml_dispatch
 
 resolve_vml_dispatch()  # before any op is split across threads: see mkl_dispatch

@@ -10,22 +10,17 @@ run again after any interruption. Comparisons that need no training of their own
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
-from replicate.config import ConfigError, Section, read_yaml
+from replicate.config import ConfigError, read_yaml
+from replicate.experiment import ExperimentConfig, load_experiment
+from replicate.runs import evaluate_runs
 from replicate.tracking import write_json
+from replicate.train import run_training
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 PRESETS = ("bundled", "full")
-
-
-@dataclass
-class AblationConfig(Section):
-    claim: str = ""  # the id in paper/claims.yaml's ablations this config tests ("" for the baseline)
-    kind: Literal["train", "views", "ensemble"] = "train"  # views, ensemble: from the baseline's runs
-    ensemble_size: int = 5  # §6: "5 CNNs"
 
 
 def ablation_files(only: list[str] | None = None) -> list[Path]:
@@ -61,10 +56,8 @@ def run_state(run_dir: Path) -> str | None:
     return json.loads(status.read_text())["state"] if status.is_file() else None
 
 
-def ensure_trained(config, run_dir: Path, log: list[dict]) -> None:
+def ensure_trained(config: ExperimentConfig, run_dir: Path, log: list[dict]) -> None:
     """Train `config` into `run_dir` unless finished there; resume it if it has a checkpoint."""
-    from replicate.train import run_training
-
     state = run_state(run_dir)
     if state == "finished":
         print(f"skip (finished): {run_dir}")
@@ -80,9 +73,6 @@ def run_sweep(
     preset: str, seeds: list[int], overrides: list[str] = (), only: list[str] | None = None
 ) -> Path:
     """Run the baseline and the ablations (or `only` these) for every seed; returns the sweep dir."""
-    from replicate.experiment import load_experiment
-    from replicate.runs import evaluate_runs
-
     sweep = f"ablations-{preset}"
     extra = preset_overrides(preset) + [f"tracking.group={sweep}", *overrides]
     baseline = load_experiment(EXPERIMENTS / "baseline.yaml", extra)

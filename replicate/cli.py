@@ -10,17 +10,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from analysis.tables import markdown, replication_table
-from replicate import bench_data, bench_model, bench_winograd, projection, speed
+from replicate import speed
 from replicate.ablate import PRESETS, run_sweep
+from replicate.bench import data as bench_data
+from replicate.bench import network as bench_network
+from replicate.bench import projection as bench_projection
+from replicate.bench import winograd as bench_winograd
+from replicate.cifar.figure1 import Figure1Config, run_figure1
+from replicate.cifar.figure1 import table as figure1_table
+from replicate.cifar.lrn import LrnCifarConfig, run_lrn_cifar
+from replicate.cifar.lrn import table as lrn_cifar_table
 from replicate.config import ConfigError, apply_overrides, from_dict, to_dict
 from replicate.data.loader import prepare
 from replicate.data.sources import DataError
 from replicate.experiment import load_experiment, resolve_file
-from replicate.figure1 import Figure1Config, run_figure1
-from replicate.figure1 import table as figure1_table
-from replicate.lrn_cifar import LrnCifarConfig, run_lrn_cifar
-from replicate.lrn_cifar import table as lrn_cifar_table
 from replicate.model import AlexNet
 from replicate.runs import evaluate_runs, run_config
 from replicate.train import TrainingError, default_run_dir, run_training
@@ -91,8 +94,18 @@ def train_command(args: argparse.Namespace) -> int:
     else:
         config = load_experiment(*_split(args))
     run_dir = run_training(config, args.resume or args.run_dir, resume=bool(args.resume))
+    print_evaluation(json.loads((run_dir / "evaluation.json").read_text()))
     print(f"run finished: {run_dir}")
     return 0
+
+
+def print_evaluation(record: dict) -> None:
+    """One line per protocol of an evaluation.json record."""
+    for views, result in record["views"].items():
+        print(
+            f"{views}: top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
+            f"on {result['images']} images ({record['dataset']} {record['split']}, {record['precision']})"
+        )
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -101,17 +114,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
     overrides = [p for p in args.runs if "=" in p]
     if not runs:
         raise ConfigError("evaluate needs at least one run directory")
-    record = evaluate_runs(runs, args.views, args.weights, overrides, args.out)
-    for views, result in record["views"].items():
-        print(
-            f"{views}: top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
-            f"on {result['images']} images ({record['dataset']} {record['split']})"
-        )
+    print_evaluation(evaluate_runs(runs, args.views, args.weights, overrides, args.out))
     return 0
 
 
 def replicate(args: argparse.Namespace) -> int:
-    """The whole pipeline: prepare, train (resuming an unfinished run), evaluate, print the table."""
+    """The whole pipeline: prepare, train (resuming an unfinished run), evaluate, print the errors
+    (`python -m analysis.tables RUN_DIR` puts them beside the paper's: `make replicate` does)."""
     config_file, overrides = _split(args)
     full = any(o.startswith("data.root=") for o in overrides)
     preset = EXPERIMENTS / ("baseline.yaml" if full else "replicate-bundled.yaml")
@@ -123,8 +132,8 @@ def replicate(args: argparse.Namespace) -> int:
         run_training(config, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())
     else:
         print(f"{run_dir} is finished; showing its results (delete it to train again)")
-    print()
-    print(markdown(replication_table(run_dir)))
+    print_evaluation(json.loads((run_dir / "evaluation.json").read_text()))
+    print(f"run: {run_dir}")
     return 0
 
 
@@ -212,9 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     # Commands with parsers of their own: the rest of the command line goes to their main().
     own_parsers = {
         "bench-data": (bench_data.main, "data pipeline images/s against torchvision's"),
-        "bench": (bench_model.main, "network training and 10-crop images/s against torchvision's alexnet"),
+        "bench": (bench_network.main, "network training and 10-crop images/s against torchvision's alexnet"),
         "bench-winograd": (bench_winograd.main, "Winograd against direct convolution on conv2-conv5"),
-        "project": (projection.main, "hours for 90 epochs of ILSVRC-2012 from bench and bench-data records"),
+        "project": (
+            bench_projection.main,
+            "hours for 90 epochs of ILSVRC-2012 from bench and bench-data records",
+        ),
     }
     for name, (_, help_text) in own_parsers.items():
         commands.add_parser(name, help=help_text, add_help=False)

@@ -7,11 +7,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
+
+from replicate import devices
+from replicate.config import to_dict
+from replicate.data.loader import Batch, DataConfig
+from replicate.tracking import write_json
 
 
 def average_softmax(
@@ -41,7 +47,7 @@ def topk_correct(
 @torch.no_grad()
 def evaluate(
     models: Sequence[nn.Module],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[Batch],
     device: torch.device | str = "cpu",
     description: str = "evaluate",
     total: int | None = None,
@@ -55,10 +61,10 @@ def evaluate(
     for model in models:
         model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # images, top-1 hits, top-5 hits, -log p
-    for views, labels in tqdm(
+    for batch in tqdm(
         batches, desc=description, total=total, unit="batch", disable=not progress, leave=False
     ):
-        views, labels = views.to(device, non_blocking=True), labels.to(device)
+        views, labels = batch.pixels.to(device, non_blocking=True), batch.labels.to(device)
         probabilities = average_softmax(models, views, memory_format)
         labels = labels.to(probabilities.device)
         hits = topk_correct(probabilities, labels)
@@ -73,3 +79,29 @@ def evaluate(
         "top5_error": 100 * (1 - float(sums[2]) / images),
         "loss": float(sums[3]) / images,
     }
+
+
+def write_evaluation(
+    out_dir: Path,
+    results: dict[str, dict[str, float]],
+    data: DataConfig,
+    runs: list[dict],
+    weights: str,
+    device: torch.device,
+    precision: str,
+) -> dict:
+    """out_dir/evaluation.json, the one record of a final evaluation, whether training wrote it or
+    `evaluate` did: `results` by views, the data it was measured on, the runs (dir, epoch, step of
+    their weights; several: an ensemble), and the device and precision it was computed in."""
+    record = {
+        "dataset": data.dataset,
+        "split": data.eval_split,
+        "runs": runs,
+        "weights": weights,
+        "device": devices.describe(device),
+        "precision": precision,
+        "views": results,
+        "data": to_dict(data),
+    }
+    write_json(Path(out_dir) / "evaluation.json", record)
+    return record

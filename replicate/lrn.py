@@ -9,27 +9,24 @@ The paper's formula, with N maps and the sum clipped at the first and last map:
 i.e. it divides alpha by n, so the paper's rule is `local_response_norm(a, n, alpha * n, beta, k)`
 (`reference_response_norm`). `ResponseNorm` computes the same rule with its own autograd function,
 cheaper in time and memory (BENCHMARKS.md); tests hold it equal to the reference and to the formula.
-`kernel="compiled"` (`train.lrn_kernel`) runs the same rule and backward through torch.compile, which
-fuses each into one kernel (a C++ loop nest on the CPU, Triton on a GPU); on a GPU, `kernel="triton"`
-runs it as two hand-written Triton kernels (`lrn_triton`).
+The fast paths of `replicate/kernels/` (`speed.lrn_kernel`: compiled, triton) compute the same rule
+behind the same module (`speed.use_lrn_kernel`).
 The original 2012 code divides its configured `scale` by `size` the same way (layer.py, cmrnorm),
 which is why the two rules below differ by a factor n in alpha.
 """
 
 from __future__ import annotations
 
-from functools import cache
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicate.lrn_triton import fused_response_norm, unavailable_reason
-from replicate.speed import compile_failure, compiled_kernel
-
 LRNRule = Literal["paper", "code2012", "off"]
-LRNKernel = Literal["torch", "compiled", "triton"]
+# (maps, (size, alpha, beta, k), rectify) -> the normalised maps, or None where the path does not apply
+FastPath = Callable[[torch.Tensor, tuple[int, float, float, float], bool], "torch.Tensor | None"]
 
 # §3.3: "k = 2, n = 5, alpha = 10^-4, and beta = 0.75".
 PAPER_SIZE = 5
@@ -37,9 +34,8 @@ PAPER_ALPHA = 1e-4
 PAPER_BETA = 0.75
 PAPER_K = 2.0
 # From this many maps on, channels-last maps under torch.compile on the CPU take
-# `_window_sum_innermost`. In one-off timings it made the fused forward + backward on lrn2's 128 maps
-# about a quarter faster, and on lrn1's 48 maps slower (44 inner maps are no whole number of 16-float
-# vectors); `bench --channels-last --lrn-kernel compiled` times both layers with it (BENCHMARKS.md).
+# `_window_sum_innermost`: faster on lrn2's 128 maps, slower on lrn1's 48 (44 inner maps are no whole
+# number of 16-float vectors); `bench --channels-last --lrn-kernel compiled` times both layers.
 INNERMOST_MAPS_JOINED = 64
 
 
@@ -88,7 +84,7 @@ def _window_sum_innermost(values: torch.Tensor, size: int, weight: float) -> tor
     return (total * weight if weight != 1.0 else total).movedim(-1, -3)
 
 
-def _inverse_power(denominator: torch.Tensor, beta: float) -> torch.Tensor:
+def inverse_power(denominator: torch.Tensor, beta: float) -> torch.Tensor:
     """denominator ** -beta; for the paper's beta = 0.75 as rsqrt(d) * sqrt(rsqrt(d)), which avoids
     the exp/log of a general power."""
     if beta == 0.75:
@@ -108,7 +104,7 @@ class _ResponseNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, maps, size: int, alpha: float, beta: float, k: float):
         denominator = window_sum(maps * maps, size, alpha).add_(k)
-        scale = _inverse_power(denominator, beta)
+        scale = inverse_power(denominator, beta)
         ctx.save_for_backward(maps, denominator, scale)
         ctx.size, ctx.alpha, ctx.beta = size, alpha, beta
         return maps * scale
@@ -120,88 +116,6 @@ class _ResponseNormFunction(torch.autograd.Function):
         through = (grad_scaled * maps).div_(denominator)  # g_j b_j / s_j
         correction = window_sum(through, ctx.size)
         return grad_scaled.addcmul_(maps, correction, value=-2 * ctx.alpha * ctx.beta), None, None, None, None
-
-
-def _normalise(
-    inputs: torch.Tensor, size: int, alpha: float, beta: float, k: float, rectify: bool, channels_last: bool
-):
-    """b and s^-beta, for torch.compile to fuse into one kernel; `rectify`: the maps are relu(inputs);
-    `channels_last`: b is written in that layout, whatever the input's."""
-    maps = inputs.relu() if rectify else inputs
-    scale = _inverse_power(window_sum(maps * maps, size, alpha) + k, beta)
-    out = maps * scale
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out, scale
-
-
-def _normalise_backward(
-    grad, inputs, scale, size: int, alpha: float, beta: float, k: float, rectify: bool, contiguous: bool
-):
-    """The closed form of `_ResponseNormFunction.backward`, the denominator recomputed from the maps
-    (one tensor less to keep; the fused kernel reads the maps anyway), then the ReLU's if `rectify`;
-    `contiguous`: the gradient is written in the (N, C, H, W) layout, whatever the incoming one's."""
-    maps = inputs.relu() if rectify else inputs
-    denominator = window_sum(maps * maps, size, alpha) + k
-    grad_scaled = grad * scale
-    correction = window_sum(grad_scaled * maps / denominator, size)
-    grad_maps = grad_scaled - (2 * alpha * beta) * maps * correction
-    grad_maps = torch.where(inputs > 0, grad_maps, 0.0) if rectify else grad_maps  # as threshold_backward
-    return grad_maps.contiguous() if contiguous else grad_maps
-
-
-@cache
-def _compiled(function):
-    """`compiled_kernel(function)`, built on first use (importing this module starts no compiler)."""
-    return compiled_kernel(function)
-
-
-def compiled_unavailable_reason(devices: list[torch.device]) -> str | None:
-    """Why torch.compile cannot build the LRN's kernels on `devices` (no C++ compiler on the CPU, say),
-    or None: tries it once per device on a few numbers, so that a run fails before its first step."""
-    for device in devices:
-        maps = torch.rand(1, 5, 2, 2, device=device, requires_grad=True)
-        why = compile_failure(
-            lambda maps=maps: torch.autograd.grad(
-                _CompiledResponseNormFunction.apply(maps, 5, 1e-4, 0.75, 2.0, True).sum(), maps
-            )
-        )
-        if why:
-            return f"torch.compile could not build the LRN's kernels on {device} ({why})"
-    return None
-
-
-def kernel_unavailable_reason(kernel: LRNKernel, devices: list[torch.device]) -> str | None:
-    """Why the LRN cannot run on `kernel` on `devices`, or None (the torch path runs anywhere)."""
-    if kernel == "triton":
-        return unavailable_reason(devices)
-    if kernel == "compiled":
-        return compiled_unavailable_reason(devices)
-    return None
-
-
-class _CompiledResponseNormFunction(torch.autograd.Function):
-    """`_ResponseNormFunction` with forward and backward each compiled into one fused kernel, the ReLU
-    before it inside them if `rectify`; keeps its input and s^-beta for backward (two tensors, not
-    three).
-
-    On the CPU the output of (N, C, H, W) maps is channels-last: the max-pooling after every LRN of
-    the net works in that layout there (`replicate/pool.py`), and the layout change written by this
-    kernel saves the pooling's copy of the maps, forward and backward (BENCHMARKS.md, the LRN
-    lever). The input's gradient comes back in the input's own layout."""
-
-    @staticmethod
-    def forward(ctx, inputs, size: int, alpha: float, beta: float, k: float, rectify: bool):
-        channels_last = inputs.device.type == "cpu" and inputs.dim() == 4
-        out, scale = _compiled(_normalise)(inputs, size, alpha, beta, k, rectify, channels_last)
-        ctx.save_for_backward(inputs, scale)
-        ctx.rule = (size, alpha, beta, k, rectify)
-        ctx.contiguous = channels_last and inputs.is_contiguous()
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        inputs, scale = ctx.saved_tensors
-        grad_inputs = _compiled(_normalise_backward)(grad, inputs, scale, *ctx.rule, ctx.contiguous)
-        return grad_inputs, None, None, None, None, None
 
 
 def reference_response_norm(
@@ -224,13 +138,14 @@ class ResponseNorm(nn.Module):
         alpha: float = PAPER_ALPHA,
         beta: float = PAPER_BETA,
         k: float = PAPER_K,
-        kernel: LRNKernel = "torch",
     ) -> None:
         super().__init__()
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
-        # compiled: torch.compile's fused kernels; triton: the hand-written kernels, for contiguous maps on
-        # a GPU outside torch.compile. Inside a compiled model both leave the fusing to that compile.
-        self.kernel = kernel
+        # A fast path of the same rule (`speed.use_lrn_kernel`): called as fast_path(maps, rule, rectify),
+        # it returns the output, or None where it does not apply (then the torch path runs). Inside a
+        # compiled model it is not called: that compile fuses the torch path itself.
+        self.kernel: str = "torch"
+        self.fast_path: FastPath | None = None
         self.rectify = False  # True: the ReLU before it runs here (`use_lrn_kernel`), on its input
 
     def forward(self, maps: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -244,16 +159,12 @@ class ResponseNorm(nn.Module):
         view = maps.float() if low else maps
         if groups > 1:
             view = view.unflatten(1, (groups, -1))
-        compiling = torch.compiler.is_compiling()  # a compiled model: Inductor fuses the torch path itself
         rule = (self.size, self.alpha, self.beta, self.k)
-        if self.kernel == "compiled" and not compiling:
-            out = _CompiledResponseNormFunction.apply(view, *rule, self.rectify)
-        else:
-            view = view.relu() if self.rectify else view
-            if self.kernel == "triton" and view.is_cuda and view.is_contiguous() and not compiling:
-                out = fused_response_norm(view, *rule)
-            else:
-                out = _ResponseNormFunction.apply(view, *rule)
+        out = None
+        if self.fast_path is not None and not torch.compiler.is_compiling():
+            out = self.fast_path(view, rule, self.rectify)
+        if out is None:
+            out = _ResponseNormFunction.apply(view.relu() if self.rectify else view, *rule)
         out = out.flatten(1, 2) if groups > 1 else out
         return out.to(maps.dtype) if low else out
 
@@ -301,25 +212,3 @@ def response_norm(rule: LRNRule, k: float = PAPER_K) -> nn.Module:
     if rule == "off":
         return nn.Identity()
     raise ValueError(f"unknown LRN rule {rule!r}: expected 'paper', 'code2012' or 'off'")
-
-
-def use_lrn_kernel(model: nn.Module, kernel: LRNKernel) -> None:
-    """Every `ResponseNorm` of `model` runs on `kernel` (torch ops, compiled kernels, or Triton kernels).
-
-    Under "compiled", a ReLU right before an LRN (§3.5's order, in an `nn.Sequential`) moves into the
-    LRN's kernels, which saves a pass over the maps each way: the ReLU's place holds an
-    `nn.Identity` and the LRN rectifies its input itself. Any other kernel puts the ReLU back.
-    """
-    for module in list(model.modules()):  # a list: the loop swaps modules
-        if isinstance(module, ResponseNorm):
-            module.kernel = kernel
-        if not isinstance(module, nn.Sequential):
-            continue
-        for index in range(len(module) - 1):
-            before, norm = module[index], module[index + 1]
-            if not isinstance(norm, ResponseNorm):
-                continue
-            if kernel == "compiled" and isinstance(before, nn.ReLU):
-                module[index], norm.rectify = nn.Identity(), True
-            elif kernel != "compiled" and norm.rectify:
-                module[index], norm.rectify = nn.ReLU(), False

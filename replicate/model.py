@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicate.config import ConfigError, Section
-from replicate.lrn import LRNRule, ResponseNorm, SpatialResponseNorm, response_norm
+from replicate.kernels.fused_columns import fused_conv_stack
+from replicate.lrn import LRNRule, SpatialResponseNorm, response_norm
 from replicate.pool import MaxPool
 
 Activation = Literal["relu", "tanh"]
@@ -337,36 +338,12 @@ class AlexNet(nn.Module):
             maps = [column.convs[name](m) for column, m in zip(self.columns, maps, strict=True)]
         return maps
 
-    def _fused_conv_stack(self, images: torch.Tensor) -> torch.Tensor:
-        """The same computation as the per-column loop, both columns in one tensor (one device).
-
-        Channels [0, C/2) are column A's, [C/2, C) column B's, as `_exchange` concatenates them.
-        A layer that reads one column is a grouped convolution (groups=2: each half of the kernels
-        sees only its own column's maps); conv1 and a layer that reads both columns (conv3) are one
-        dense convolution with both columns' kernels stacked. The LRN runs on a (N, 2, C/2, H, W) view,
-        so its window never crosses columns (§3.3). Weights stay in the columns (same parameters,
-        checkpoints and `place_columns`); only their concatenation is made per call.
-        """
-        maps = images
-        for stage in self.stages:
-            name = stage.layer.name
-            convs = [column.convs[name][0] for column in self.columns]
-            weight = torch.cat([conv.weight for conv in convs])
-            bias = torch.cat([conv.bias for conv in convs])
-            groups = 1 if stage.reads_both_columns or name == "conv1" else 2
-            maps = F.conv2d(maps, weight, bias, convs[0].stride, convs[0].padding, groups=groups)
-            # conv, activation, norms, pools: the same modules in each column. The LRN reads its
-            # column's maps only; the rest act per map.
-            for module in list(self.columns[0].convs[name])[1:]:
-                maps = module(maps, groups=2) if isinstance(module, ResponseNorm) else module(maps)
-        return maps
-
     def _hidden(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Each column's FC7 activations, before dropout."""
         if self.fuses_columns():
             padded = F.pad(images, (0, self.conv1_padding, 0, self.conv1_padding))
             # (N, 2C, 6, 6).flatten(1) is column A's flattened maps, then column B's: FC6's input
-            maps = self._fused_conv_stack(padded)
+            maps = fused_conv_stack(self.columns, self.stages, padded)
             if self.config.column_communication:
                 hidden = [maps.flatten(1)] * 2
             else:

@@ -1,15 +1,16 @@
-"""Speed options of training and evaluation, each off by default where it changes the numerics.
+"""How the network runs: one config section (`speed`) and the one function that builds the network
+from it (`build_network`), for training, evaluation and the benchmarks alike.
 
 The paper trained in fp32 (§5; the 2012 code had nothing else), so `precision: fp32` is the default
 and means fp32 everywhere, convolutions too: PyTorch lets cuDNN use TF32 by default on Ampere and
 later GPUs, which `fp32` turns off. `tf32` allows it for convolutions and matrix products; `bf16`
-runs them under bf16 autocast (weights, optimiser and LRN stay fp32). `channels_last` and
-`compile` (with `compile_mode: reduce-overhead`, CUDA graphs as well) leave the arithmetic as it is
-up to summation order, as does the fused-column path
-(`AlexNet.fused`), which is off by default because it measured slower (BENCHMARKS.md). Tests hold
-each one equal to the reference path within its tolerance (tests/test_speed.py).
+runs them under bf16 autocast (weights, optimiser and LRN stay fp32). `channels_last`, `compile`
+(with `compile_mode: reduce-overhead`, CUDA graphs as well), `fused_columns` and the LRN kernels
+(replicate/kernels/) leave the arithmetic as it is up to summation order; `conv_algorithm: winograd`
+rounds the same convolution differently (paper/fidelity.md). Tests hold each equal to the reference
+path within its tolerance (tests/test_speed.py).
 
-One option is about the process, not the arithmetic: `keep_freed_memory`, on for every
+One setting is about the process, not the network: `keep_freed_memory`, on for every
 `python -m replicate` command (BENCHMARKS.md measures it).
 """
 
@@ -18,10 +19,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+
+from replicate.config import ConfigError, Section
+from replicate.kernels.lrn_compiled import compiled_response_norm, compiled_unavailable_reason
+from replicate.kernels.lrn_triton import setting_conflict, triton_response_norm, unavailable_reason
+from replicate.kernels.winograd import ConvAlgorithm, conv_algorithm_unavailable_reason, use_winograd
+from replicate.lrn import ResponseNorm
+from replicate.model import AlexNet, ModelConfig
 
 try:
     import resource
@@ -32,6 +42,70 @@ Precision = Literal["fp32", "tf32", "bf16"]
 # torch.compile's modes; reduce-overhead also replays each step as a CUDA graph (one launch for the
 # step's hundreds of kernels). max-autotune would time kernel variants at every start: not offered.
 CompileMode = Literal["default", "reduce-overhead"]
+# torch: the reference autograd function; compiled: kernels fused by torch.compile (CPU needs a C++
+# compiler); triton: two hand-written Triton kernels (CUDA, NCHW, outside torch.compile).
+LRNKernel = Literal["torch", "compiled", "triton"]
+LRN_FAST_PATHS = {"compiled": compiled_response_norm, "triton": triton_response_norm}
+
+
+@dataclass
+class SpeedConfig(Section):
+    """How the network runs; every option but `precision` computes the paper's fp32 function."""
+
+    precision: Precision = "fp32"  # fp32 | tf32 | bf16 (autocast); fp32 is the paper's arithmetic
+    channels_last: bool = False  # NHWC memory layout for the convolutions
+    compile: bool = False  # torch.compile the network
+    compile_mode: CompileMode = "default"  # reduce-overhead: CUDA graphs too (needs compile=true)
+    fused_columns: bool = False  # both columns in one tensor (grouped convs): faster only compiled
+    lrn_kernel: LRNKernel = "torch"  # torch | compiled | triton (replicate/kernels/)
+    conv_algorithm: ConvAlgorithm = "direct"  # winograd: conv2-conv5 by Winograd's algorithm (CPU)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # Literal choices
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"compile_mode={self.compile_mode} needs compile=true")
+        conflict = setting_conflict(self.compile, self.channels_last)
+        if self.lrn_kernel == "triton" and conflict:
+            raise ConfigError(f"lrn_kernel=triton {conflict}, or lrn_kernel=torch")
+        if self.conv_algorithm == "winograd" and (self.compile or self.fused_columns):
+            # its transforms are compiled on their own; the fused path calls F.conv2d itself
+            raise ConfigError(
+                "conv_algorithm=winograd needs compile=false and fused_columns=false, "
+                "or conv_algorithm=direct"
+            )
+
+    def unavailable_reason(self, devices: Sequence[torch.device], flags: bool = False) -> str | None:
+        """Why this machine cannot run these options on `devices` (a kernel without its compiler or
+        its GPU), naming the option as a config key (`speed.lrn_kernel=compiled`) or, with `flags`, as
+        a command-line flag (`--lrn-kernel compiled`); None if it can. Probes the compilers once."""
+
+        def named(option: str, value: str) -> str:
+            return f"--{option.replace('_', '-')} {value}" if flags else f"speed.{option}={value}"
+
+        if self.lrn_kernel == "compiled":
+            why = compiled_unavailable_reason(list(devices))
+        elif self.lrn_kernel == "triton":
+            why = unavailable_reason(list(devices))
+        else:
+            why = None
+        if why:
+            return f"{named('lrn_kernel', self.lrn_kernel)}: {why}; set {named('lrn_kernel', 'torch')}"
+        why = conv_algorithm_unavailable_reason(self.conv_algorithm, list(devices))
+        if why:
+            return (
+                f"{named('conv_algorithm', self.conv_algorithm)}: {why}; "
+                f"set {named('conv_algorithm', 'direct')}"
+            )
+        return None
+
+    def __str__(self) -> str:
+        text = f"precision {self.precision}; channels_last {self.channels_last}; compile {self.compile}"
+        if self.compile_mode != "default":
+            text += f" ({self.compile_mode})"
+        text += "; fused_columns True" if self.fused_columns else ""
+        text += f"; lrn_kernel {self.lrn_kernel}" if self.lrn_kernel != "torch" else ""
+        return text + (f"; conv_algorithm {self.conv_algorithm}" if self.conv_algorithm != "direct" else "")
+
 
 KEEP_FREED_MEMORY = "ALEXNET_KEEP_FREED_MEMORY"  # set to 0 to leave the C library's allocator as it is
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
@@ -90,16 +164,6 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def speed_up(
-    model: nn.Module, channels_last: bool, compile: bool, compile_mode: CompileMode = "default"
-) -> nn.Module:
-    """The model in channels-last layout (in place) and/or wrapped by torch.compile. The returned
-    module shares the parameters: checkpoints are still written from the original one."""
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return torch.compile(model, mode=compile_mode) if compile else model
-
-
 def begin_step(compile_mode: CompileMode) -> None:
     """Before each training forward under CUDA graphs: the previous step's outputs may be overwritten
     (torch.compiler.cudagraph_mark_step_begin)."""
@@ -107,35 +171,54 @@ def begin_step(compile_mode: CompileMode) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-# How many shapes (and layouts, and training/evaluation variants) one `compiled_kernel` is built for
-# before dynamo stops compiling it and runs the plain torch ops instead: its default of 8 was reached in
-# one `make bench` process (training, 10-crop and layer-bench shapes of the LRN), silently.
-COMPILED_SHAPES = 64
+def use_lrn_kernel(model: nn.Module, kernel: LRNKernel) -> None:
+    """Every `ResponseNorm` of `model` (or `model` itself) runs on `kernel`.
+
+    Under "compiled", a ReLU right before an LRN (§3.5's order, in an `nn.Sequential`) moves into the
+    LRN's kernels, which saves a pass over the maps each way: the ReLU's place holds an
+    `nn.Identity` and the LRN rectifies its input itself. Any other kernel puts the ReLU back.
+    """
+    for module in list(model.modules()):  # a list: the loop swaps modules
+        if isinstance(module, ResponseNorm):
+            module.kernel, module.fast_path = kernel, LRN_FAST_PATHS.get(kernel)
+        if not isinstance(module, nn.Sequential):
+            continue
+        for index in range(len(module) - 1):
+            before, norm = module[index], module[index + 1]
+            if not isinstance(norm, ResponseNorm):
+                continue
+            if kernel == "compiled" and isinstance(before, nn.ReLU):
+                module[index], norm.rectify = nn.Identity(), True
+            elif kernel != "compiled" and norm.rectify:
+                module[index], norm.rectify = nn.ReLU(), False
 
 
-def compiled_kernel(function):
-    """torch.compile(function), built once per input shape and layout (dynamic=False: fixed sizes
-    vectorise best), up to COMPILED_SHAPES builds. For the small functions that this repo fuses into
-    one or two kernels each (the LRN's, Winograd's transforms), not for a whole model (`speed_up`)."""
-    compiled = torch.compile(function, dynamic=False)
-
-    def call(*args):
-        with torch._dynamo.config.patch(cache_size_limit=COMPILED_SHAPES):
-            return compiled(*args)
-
-    return call
+def apply_speed(model: AlexNet, speed: SpeedConfig) -> AlexNet:
+    """`model` (built, placed) with the kernels and layout of `speed`, in place."""
+    model.fused = speed.fused_columns
+    use_lrn_kernel(model, speed.lrn_kernel)
+    if speed.conv_algorithm == "winograd":
+        use_winograd(model)
+    if speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
-def compile_failure(attempt) -> str | None:
-    """None if `attempt()`, which builds something with torch.compile, runs; else the compiler's own
-    error in one line ("InvalidCxxCompiler: No working C++ compiler found ..."), so that a run can
-    name it before its first step."""
-    from torch._dynamo.exc import TorchDynamoException
+def build_network(model: ModelConfig, speed: SpeedConfig, devices: Sequence[torch.device]) -> AlexNet:
+    """The network of `model`, initialised from the global RNG, on `devices` (two: one column on each,
+    §3.2) with the kernels and layout of `speed`, and the process's precision set to `speed.precision`.
+    A ConfigError naming the option if this machine cannot run it. Not compiled: `compiled`."""
+    network = AlexNet.from_config(model, list(devices) if len(devices) > 1 else None)
+    if len(devices) == 1:
+        network.to(devices[0])
+    why_not = speed.unavailable_reason(devices)  # after the weights' draws: it may run the compiler
+    if why_not:
+        raise ConfigError(why_not)
+    set_precision(speed.precision)
+    return apply_speed(network, speed)
 
-    try:
-        attempt()
-    except TorchDynamoException as error:
-        cause = getattr(error, "inner_exception", None) or error
-        first = next((line for line in str(cause).splitlines() if line.strip()), "")
-        return f"{type(cause).__name__}: {first}"
-    return None
+
+def compiled(module: nn.Module, speed: SpeedConfig) -> nn.Module:
+    """`module` wrapped by torch.compile if `speed.compile`; the wrapper shares the parameters, so
+    checkpoints are still written from `module`."""
+    return torch.compile(module, mode=speed.compile_mode) if speed.compile else module

@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from replicate import devices
 from replicate.config import ConfigError, Section, to_dict
-from replicate.data.device_decode import images_on
 from replicate.data.loader import (
     EpochBatches,
     Prepared,
@@ -36,22 +35,10 @@ from replicate.data.loader import (
     training_mode,
 )
 from replicate.data.transforms import Augment
-from replicate.evaluate import evaluate, topk_correct
-from replicate.lrn import LRNKernel, kernel_unavailable_reason, use_lrn_kernel
-from replicate.lrn_triton import setting_conflict
-from replicate.model import AlexNet
+from replicate.evaluate import evaluate, topk_correct, write_evaluation
 from replicate.optim import PaperSGD, PlateauSchedule, paper_optimizer
-from replicate.speed import (
-    CompileMode,
-    Precision,
-    autocast,
-    begin_step,
-    memory_format,
-    set_precision,
-    speed_up,
-)
+from replicate.speed import autocast, begin_step, build_network, compiled, memory_format
 from replicate.tracking import Tracker, environment, write_json
-from replicate.winograd import ConvAlgorithm, conv_algorithm_unavailable_reason, use_winograd
 
 
 @dataclass
@@ -68,16 +55,6 @@ class TrainConfig(Section):
     eval_batch_size: int = 32  # images per evaluation batch (x10 views under ten_crop)
     runs_dir: str = "runs"  # run directories go to <runs_dir>/<name>/seed<seed>
     max_steps: int = 0  # >0: stop after this many steps (smoke runs, tests)
-    # Speed options (replicate/speed.py). fp32 is the paper's arithmetic; the others are opt-in.
-    precision: Precision = "fp32"  # fp32 | tf32 | bf16 (autocast)
-    channels_last: bool = False  # NHWC memory layout for the convolutions
-    compile: bool = False  # torch.compile the network
-    compile_mode: CompileMode = "default"  # reduce-overhead: CUDA graphs too (needs compile=true)
-    fused_columns: bool = False  # both columns in one tensor (grouped convs): faster only compiled
-    # compiled: the LRN as kernels fused by torch.compile; triton: hand-written kernels, GPU only (lrn_triton)
-    lrn_kernel: LRNKernel = "torch"
-    # winograd: conv2-conv5 by Winograd's algorithm, fewer multiplies, another rounding (CPU; winograd.py)
-    conv_algorithm: ConvAlgorithm = "direct"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,17 +68,6 @@ class TrainConfig(Section):
             raise ConfigError(f"final_views: {unknown[0]!r} is not one of ['centre', 'ten_crop']")
         if self.epochs < 1 or self.checkpoint_every < 1 or self.log_every < 1 or self.eval_batch_size < 1:
             raise ConfigError("epochs, checkpoint_every, log_every and eval_batch_size must be >= 1")
-        if self.compile_mode != "default" and not self.compile:
-            raise ConfigError(f"compile_mode={self.compile_mode} needs compile=true")
-        conflict = setting_conflict(self.compile, self.channels_last)
-        if self.lrn_kernel == "triton" and conflict:
-            raise ConfigError(f"lrn_kernel=triton {conflict}, or lrn_kernel=torch")
-        if self.conv_algorithm == "winograd" and (self.compile or self.fused_columns):
-            # its transforms are compiled on their own; the fused path calls F.conv2d itself
-            raise ConfigError(
-                "conv_algorithm=winograd needs compile=false and fused_columns=false, "
-                "or conv_algorithm=direct"
-            )
 
 
 class TrainingError(RuntimeError):
@@ -182,39 +148,21 @@ class Trainer:
                 f"model.num_classes = {config.model.num_classes} but the data has {classes} classes; "
                 f"set model.num_classes={classes}"
             )
-        self.model = AlexNet.from_config(
-            config.model, self.devices if len(self.devices) > 1 else None, fused=train.fused_columns
-        )
-        if len(self.devices) == 1:
-            self.model.to(self.devices[0])
-        if train.lrn_kernel != "torch":
-            why_not = kernel_unavailable_reason(train.lrn_kernel, self.devices)
-            if why_not:
-                raise ConfigError(
-                    f"train.lrn_kernel={train.lrn_kernel}: {why_not}; set train.lrn_kernel=torch"
-                )
-            use_lrn_kernel(self.model, train.lrn_kernel)
-        if train.conv_algorithm != "direct":
-            why_not = conv_algorithm_unavailable_reason(train.conv_algorithm, self.devices)
-            if why_not:
-                raise ConfigError(
-                    f"train.conv_algorithm={train.conv_algorithm}: {why_not}; set train.conv_algorithm=direct"
-                )
-            use_winograd(self.model)
-        set_precision(train.precision)
+        self.speed = config.speed
+        self.model = build_network(config.model, self.speed, self.devices)
         torch.backends.cudnn.benchmark = not train.deterministic  # fastest algorithms for these shapes
         self.optimizer: PaperSGD = paper_optimizer(self.model, config.optim)
         self.schedule = PlateauSchedule(self.optimizer, config.optim)
         self.position, self.best_error = Position(), math.inf
         if resume:
             self._load(run_dir / "checkpoints" / "last.pt")
-        # The layout first: DDP's gradient buckets take the parameters' strides when it is built.
-        self.network = speed_up(self.model, train.channels_last, compile=False)
+        # build_network set the layout already: DDP's gradient buckets take the parameters' strides.
+        network = self.model
         if self.world > 1:
             single = self.devices[0] if len(self.devices) == 1 and self.devices[0].type == "cuda" else None
-            self.network = DistributedDataParallel(self.model, device_ids=[single] if single else None)
-        self.network = speed_up(self.network, False, train.compile, train.compile_mode)
-        self.memory_format = memory_format(train.channels_last)
+            network = DistributedDataParallel(self.model, device_ids=[single] if single else None)
+        self.network = compiled(network, self.speed)
+        self.memory_format = memory_format(self.speed.channels_last)
         self.augment = Augment(config.data.augment, self.prepared.stats, seed=train.seed)
         self.sampler = EpochBatches(
             len(self.prepared.train),
@@ -283,7 +231,7 @@ class Trainer:
             sampler,
             replace(self.config.data, persistent_workers=False),
         )
-        with autocast(self.devices[0], self.config.train.precision):
+        with autocast(self.devices[0], self.speed.precision):
             return evaluate(
                 [self.model],
                 loader,
@@ -320,9 +268,10 @@ class Trainer:
         )
         start, seen = time.perf_counter(), 0
         for batch in self.loader:
-            views, labels = self._views(batch)
-            begin_step(train.compile_mode)
-            with autocast(self.devices[0], train.precision):
+            views = batch.views(self.augment, self.devices[0], self.memory_format)
+            labels = batch.labels.to(self.devices[0])
+            begin_step(self.speed.compile_mode)
+            with autocast(self.devices[0], self.speed.precision):
                 logits = self.network(views)
             labels = labels.to(logits.device)
             loss = F.cross_entropy(logits.float(), labels)
@@ -358,17 +307,6 @@ class Trainer:
             if stop.requested or (train.max_steps and position.step >= train.max_steps):
                 break
         bar.close()
-
-    def _views(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """A loader batch as training views on the first device (cut there under augment_on=device,
-        and decoded there first under decode_on=device)."""
-        device = self.devices[0]
-        if len(batch) == 3:  # uint8 images, or their JPEG bytes, and their random draws
-            pixels, plan, labels = batch
-            views = self.augment.apply_plan(images_on(pixels, device), plan)
-        else:
-            views, labels = batch
-        return views.to(device, non_blocking=True, memory_format=self.memory_format), labels.to(device)
 
     def _end_epoch(self, tracker: Tracker | None) -> None:
         position = self.position
@@ -453,16 +391,14 @@ def run_training(config, run_dir: Path | None = None, resume: bool = False) -> P
             tracker.finish(failed=True)
         raise
     if trainer.rank == 0:
-        write_json(
-            run_dir / "evaluation.json",
-            {
-                "dataset": config.data.dataset,
-                "split": config.data.eval_split,
-                "step": trainer.position.step,
-                "epoch": trainer.position.epoch,
-                "views": results,
-                "weights": "last",
-            },
+        write_evaluation(
+            run_dir,
+            results,
+            config.data,
+            [{"dir": str(run_dir), **vars(trainer.position)}],
+            "last",
+            trainer.devices[0],
+            config.speed.precision,
         )
         tracker.summary({f"{views}/{k}": v for views, r in results.items() for k, v in r.items()})
         tracker.finish()

@@ -42,3 +42,13 @@ def write_image_tree(root: Path, split: str, per_class: dict[str, int], size=(40
         for i in range(count):
             pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
             (folder / f"{wnid}_{i}.JPEG").write_bytes(encode(pixels))
+
+
+def response_norm_on(kernel: str, *rule) -> torch.nn.Module:
+    """A `ResponseNorm(*rule)` running on `kernel` (torch, compiled, triton), as training sets it."""
+    from replicate.lrn import ResponseNorm
+    from replicate.speed import use_lrn_kernel
+
+    norm = ResponseNorm(*rule)
+    use_lrn_kernel(norm, kernel)
+    return norm

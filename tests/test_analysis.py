@@ -17,9 +17,9 @@ from analysis.figures import colourfulness
 from analysis.records import load_records
 from analysis.stats import mean_ci, paired_deltas
 from analysis.tables import ablation_table, all_tables, cifar_table, latex, paper_table, write_table
-from replicate.data.sources import BUNDLED_DIR
+from replicate.data.sources import MIRROR_DIR
+from tests.cifar.test_figure1 import figure1 as run_figure1
 from tests.test_ablate import tiny_sweep
-from tests.test_figure1 import figure1 as run_figure1
 
 ROOT = Path(__file__).resolve().parents[1]
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student's t quantiles, df = n - 1
@@ -63,7 +63,10 @@ def records(tmp_path):
         write_run(tmp_path, sweep, "no_lrn", seed, {"ten_crop": (top1, top5)}, claim="no_lrn")
     ensemble = tmp_path / sweep / "ensemble_5cnns"
     ensemble.mkdir()
-    members = [str(tmp_path / sweep / "baseline" / f"seed{s}") for s in range(3)]
+    members = [
+        {"dir": str(tmp_path / sweep / "baseline" / f"seed{s}"), "epoch": 90, "step": 450000}
+        for s in range(3)
+    ]
     views = {"ten_crop": {"images": 50000, "top1_error": 38.0, "top5_error": 16.0}}
     (ensemble / "evaluation.json").write_text(
         json.dumps({"dataset": "ilsvrc2012", "split": "val", "runs": members, "views": views})
@@ -148,7 +151,7 @@ def test_report_says_when_there_are_no_runs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")
+@pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout")
 def test_make_report_on_tiny_runs_writes_every_figure_and_table(tmp_path):
     runs = tmp_path / "runs"
     result = subprocess.run(tiny_sweep(runs), cwd=ROOT, capture_output=True, text=True, timeout=900)

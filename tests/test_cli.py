@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from replicate.bench_records import processor
+from replicate.bench.records import processor
 
 ROOT = Path(__file__).resolve().parents[1]
 

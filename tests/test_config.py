@@ -80,7 +80,7 @@ def test_override_values_are_read_as_yaml():
 
 
 def test_model_parallel_without_two_gpus_is_an_error_not_ignored(monkeypatch):
-    """Until stop 23 a machine without a GPU trained on its CPU, one device, as if not asked."""
+    """A machine without two GPUs per process cannot place the columns: an error, not one device."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match=r"model_parallel needs 2 GPUs per process; 1 visible"):
         choose_devices(TrainConfig(model_parallel=True), local_rank=0)

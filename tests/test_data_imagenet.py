@@ -8,11 +8,13 @@ from scipy.io import savemat
 
 from replicate.data.imagenet import ILSVRC_FILES, class_names, ilsvrc_split, image_folder
 from replicate.data.loader import DataConfig, source_split
-from replicate.data.sources import BUNDLED_DIR, DataError
+from replicate.data.sources import MIRROR_DIR, DataError
 from replicate.data.store import load_rgb
 from tests.conftest import encode, write_image_tree
 
-needs_bundled = pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")
+needs_bundled = pytest.mark.skipif(
+    not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout"
+)
 
 # ILSVRC ids are not in sorted-wnid order in the devkit: the mapping must go through the wnid.
 SYNSETS = [
@@ -148,8 +150,8 @@ def test_image_folder_layout_errors_name_the_path(tmp_path, breakage, message):
 
 
 def test_an_ilsvrc2012_tree_must_hold_the_1000_classes(tmp_path):
-    if not BUNDLED_DIR.is_dir():
-        pytest.skip("needs ../shared/data for the class list")
+    if not MIRROR_DIR.is_dir():
+        pytest.skip("needs the data mirror beside the checkout for the class list")
     write_image_tree(tmp_path, "train", {"n01440764": 1, "n99999999": 1})
     with pytest.raises(DataError, match="2 class folders, expected the 1000 ILSVRC-2012 wnids.*n99999999"):
         ilsvrc_split(tmp_path, "train")
@@ -168,7 +170,7 @@ def test_bundled_imagenette_has_the_documented_counts_and_classes():
 
 @needs_bundled
 def test_every_bundled_full_size_photo_decodes_to_256(tmp_path):
-    with tarfile.open(BUNDLED_DIR / "imagenet-samples-200.tar") as tar:
+    with tarfile.open(MIRROR_DIR / "imagenet-samples-200.tar") as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
         assert len(members) == 200
         for member in members:

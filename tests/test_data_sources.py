@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from replicate.cifar.data import read_python_batches
 from replicate.data import sources
-from replicate.data.cifar10 import read_python_batches
 from replicate.data.sources import DataError, Download, bundled_or_download, find_bundled, safe_extract
 
-BUNDLED = sources.BUNDLED_DIR
-needs_bundled = pytest.mark.skipif(not BUNDLED.is_dir(), reason="needs ../shared/data")
+BUNDLED = sources.MIRROR_DIR
+needs_bundled = pytest.mark.skipif(not BUNDLED.is_dir(), reason="needs the data mirror beside the checkout")
 
 
 @needs_bundled
@@ -89,7 +89,7 @@ def test_download_verifies_md5_and_extracts(local_server, tmp_path, monkeypatch)
     archive = served / "cifar-10-python.tar.gz"
     shutil.copy(BUNDLED / "cifar-10-subset-python.tar.gz", archive)
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    monkeypatch.setattr(sources, "BUNDLED_DIR", tmp_path / "no-bundled-folder")
+    monkeypatch.setattr(sources, "MIRROR_DIR", tmp_path / "no-bundled-folder")
     monkeypatch.setitem(sources.OFFICIAL, "cifar10", Download(f"{url}/cifar-10-python.tar.gz", md5))
     folder, bundled = bundled_or_download("cifar-10-python.tar.gz", "cifar10", cache=tmp_path / "cache")
     assert not bundled
@@ -102,7 +102,7 @@ def test_download_verifies_md5_and_extracts(local_server, tmp_path, monkeypatch)
 def test_download_with_a_wrong_checksum_keeps_nothing(local_server, tmp_path, monkeypatch):
     served, url = local_server
     shutil.copy(BUNDLED / "ilsvrc2012-classes.tsv", served / "file.tgz")
-    monkeypatch.setattr(sources, "BUNDLED_DIR", tmp_path / "no-bundled-folder")
+    monkeypatch.setattr(sources, "MIRROR_DIR", tmp_path / "no-bundled-folder")
     monkeypatch.setitem(sources.OFFICIAL, "cifar10", Download(f"{url}/file.tgz", "0" * 32))
     with pytest.raises(DataError, match="md5 .* does not match the published 0000"):
         bundled_or_download("x", "cifar10", cache=tmp_path / "cache")
@@ -126,9 +126,32 @@ def test_without_the_bundled_folder_imagenette_comes_from_the_official_archive(
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tree, arcname="imagenette2-320")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    monkeypatch.setattr(sources, "BUNDLED_DIR", tmp_path / "no-bundled-folder")
+    monkeypatch.setattr(sources, "MIRROR_DIR", tmp_path / "no-bundled-folder")
     monkeypatch.setitem(sources.OFFICIAL, "imagenette", Download(f"{url}/imagenette2-320.tgz", md5))
     config = DataConfig(cache_dir=str(tmp_path / "cache"))
     train = source_split(config, "train")
     assert train.classes == ["n01440764", "n02102040"] and len(train.refs) == 7
     assert len(source_split(config, "val", train.classes).refs) == 4
+
+
+def test_with_no_copy_reachable_the_error_names_every_place_looked_and_how_to_point_at_one(
+    local_server, tmp_path, monkeypatch
+):
+    _, url = local_server
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("ALEXNET_DATA", str(elsewhere))
+    monkeypatch.setattr(sources, "MIRROR_DIR", tmp_path / "no-mirror")
+    monkeypatch.setitem(sources.OFFICIAL, "cifar10", Download(f"{url}/absent.tgz", "0" * 32))
+    with pytest.raises(DataError) as caught:
+        bundled_or_download("cifar-10-jpeg.tar.gz", "cifar10", tmp_path, cache=tmp_path / "cache")
+    message = str(caught.value)
+    for place in (
+        f"data.root: {tmp_path}",
+        f"$ALEXNET_DATA: {elsewhere}",
+        f"{tmp_path / 'no-mirror'} (absent)",
+        "absent.tgz failed",
+        "data.root=/that/folder",
+        "ALEXNET_DATA=/that/folder",
+    ):
+        assert place in message, message

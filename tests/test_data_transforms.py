@@ -148,9 +148,11 @@ def test_loader_batches_do_not_depend_on_the_number_of_workers(tmp_path):
         loader = make_loader(StoreDataset(store, augment), sampler, DataConfig(workers=workers, batch_size=8))
         batches[workers] = list(loader)
     assert len(batches[0]) == 3
-    for (x0, y0), (x2, y2) in zip(batches[0], batches[2], strict=True):
-        assert torch.equal(x0, x2) and torch.equal(y0, y2)
-    assert sorted(torch.cat([y for _, y in batches[0]]).tolist()) == sorted(store.labels.tolist())
+    for one, two in zip(batches[0], batches[2], strict=True):
+        assert (
+            one.plan is None and torch.equal(one.pixels, two.pixels) and torch.equal(one.labels, two.labels)
+        )
+    assert sorted(torch.cat([b.labels for b in batches[0]]).tolist()) == sorted(store.labels.tolist())
 
 
 def test_epoch_batches_shuffle_per_epoch_resume_mid_epoch_and_split_across_ranks():

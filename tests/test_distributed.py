@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from replicate.data.sources import BUNDLED_DIR
+from replicate.data.sources import MIRROR_DIR
 from replicate.model import AlexNet
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout"),
+]
 
 # Dropout off: its masks are drawn per process, so 1 and 2 processes would draw different ones.
 # Augmentation is keyed by image position, so it is the same for any number of processes.

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from replicate.data.loader import Batch
 from replicate.evaluate import average_softmax, evaluate, topk_correct
 from replicate.model import AlexNet
 from replicate.speed import set_precision
@@ -37,7 +38,7 @@ def test_ten_crop_and_ensemble_average_the_softmax_by_hand():
     torch.testing.assert_close(average_softmax(models, views), expected)
     # Not the same as averaging logits, and not the same as one view: the test can tell them apart.
     assert not torch.allclose(expected, by_hand(models, views[:, :1]))
-    result = evaluate(models, [(views[:3], labels[:3]), (views[3:], labels[3:])], progress=False)
+    result = evaluate(models, [Batch(views[:3], labels[:3]), Batch(views[3:], labels[3:])], progress=False)
     top1 = int((expected.argmax(1) == labels).sum()) / 6
     top2 = int((expected.topk(2).indices == labels[:, None]).any(1).sum()) / 6
     assert result["images"] == 6
@@ -65,7 +66,7 @@ def test_ten_crop_evaluation_on_the_gpu_equals_the_cpu():
     on_cpu = average_softmax([model], views)
     model.cuda()
     torch.testing.assert_close(average_softmax([model], views.cuda()).cpu(), on_cpu, rtol=1e-4, atol=1e-6)
-    result = evaluate([model], [(views, labels)], "cuda", progress=False)
+    result = evaluate([model], [Batch(views, labels)], "cuda", progress=False)
     assert result["images"] == 4 and result["loss"] == pytest.approx(
         -on_cpu[torch.arange(4), labels].log().mean().item(), rel=1e-4
     )

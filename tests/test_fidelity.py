@@ -1,5 +1,5 @@
 """`fidelity: code2012`: exactly the documented differences between the paper and the 2012 code's
-config #145 (reference spec §2, §4, §5, §6, §11), each also switchable on its own. The augmentation
+config #145 (its layers.cfg and layer-params.cfg), each also switchable on its own. The augmentation
 differences are tested against their formulas in test_data_transforms.py (chunk-of-32 crops, the
 mean's centre crop, the colour-noise rule); the LRN constants in test_lrn.py."""
 
@@ -38,7 +38,7 @@ def test_the_switch_changes_exactly_the_documented_keys():
     changed = {key for key in paper if paper[key] != code[key]} - {"name", "fidelity", "tracking.variant"}
     assert changed == set(DIFFERENCES)
     assert all((paper[key], code[key]) == values for key, values in DIFFERENCES.items())
-    # The same in both, as the spec asks (§5: the paper is silent on biases, so both follow C; §2: k=2).
+    # The same in both: the paper is silent on biases, so both follow C (§5); k=2 (§3.3).
     assert (code["optim.bias_lr_scale"], code["optim.bias_weight_decay"], code["model.lrn_k"]) == (
         2.0,
         0.0,

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from replicate.lrn import ResponseNorm, response_norm
+from tests.conftest import response_norm_on
 
 
 def lrn_by_loop(maps: torch.Tensor, n: int, alpha: float, beta: float, k: float) -> torch.Tensor:
@@ -156,7 +157,7 @@ def test_cpu_window_sum_stays_in_float32_under_bf16_autocast():
     ],
 )
 def test_compiled_kernel_equals_the_torch_path_in_value_and_gradient(layout, device):
-    """`train.lrn_kernel=compiled`: the same rule and closed-form backward, fused by torch.compile."""
+    """`speed.lrn_kernel=compiled`: the same rule and closed-form backward, fused by torch.compile."""
     from replicate.lrn import INNERMOST_MAPS_JOINED
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -170,7 +171,7 @@ def test_compiled_kernel_equals_the_torch_path_in_value_and_gradient(layout, dev
         maps = maps.contiguous(memory_format=torch.channels_last)
     maps.requires_grad_()
     expected = ResponseNorm()(maps, groups)
-    compiled = ResponseNorm(kernel="compiled")(maps, groups)
+    compiled = response_norm_on("compiled")(maps, groups)
     assert_same_function(compiled, expected, maps, (1e-6, 1e-6), (1e-5, 1e-7))
 
 
@@ -190,7 +191,7 @@ def test_compiled_kernel_on_the_cpu_hands_the_pooling_channels_last_maps():
     in the input's own layout; a channels-last input keeps channels-last both ways."""
     for layout in (torch.contiguous_format, torch.channels_last):
         maps = (torch.rand(2, 6, 5, 4) * 100).contiguous(memory_format=layout).requires_grad_()
-        out = ResponseNorm(kernel="compiled")(maps)
+        out = response_norm_on("compiled")(maps)
         assert out.is_contiguous(memory_format=torch.channels_last)
         (grad,) = torch.autograd.grad(out, maps, torch.randn_like(out))
         assert grad.is_contiguous(memory_format=layout)
@@ -201,7 +202,7 @@ def test_compiled_kernel_stays_compiled_beyond_dynamo_s_eight_shapes():
     one; one `make bench` process reached that. The LRN's kernels allow COMPILED_SHAPES."""
     from torch._dynamo.utils import counters
 
-    norm = ResponseNorm(kernel="compiled")
+    norm = response_norm_on("compiled")
     built = counters["stats"]["unique_graphs"]
     for width in range(20, 30):  # shapes no other test gives it
         norm(torch.rand(2, 7, 3, width))
@@ -211,7 +212,7 @@ def test_compiled_kernel_stays_compiled_beyond_dynamo_s_eight_shapes():
 def test_compiled_kernel_follows_the_formula_for_any_beta():
     """In float64, against §3.3 written out: the general power, not only beta = 0.75's roots."""
     maps = (torch.rand(2, 9, 3, 4, dtype=torch.float64) * 200).requires_grad_()
-    out = ResponseNorm(5, 1e-4, 0.6, 2.0, kernel="compiled")(maps)
+    out = response_norm_on("compiled", 5, 1e-4, 0.6, 2.0)(maps)
     copy = maps.detach().clone().requires_grad_()
     assert_same_function(out, lrn_by_loop(copy, 5, 1e-4, 0.6, 2.0), maps, expected_inputs=copy)
 
@@ -222,7 +223,7 @@ def test_an_lrn_that_rectifies_its_input_equals_relu_then_lrn(kernel):
     function and gradient, zero where the input is not positive, as the ReLU's own backward."""
     inputs = (torch.randn(3, 16, 6, 7, generator=torch.Generator().manual_seed(3)) * 100).requires_grad_()
     expected = ResponseNorm()(torch.relu(inputs))
-    norm = ResponseNorm(kernel=kernel)
+    norm = response_norm_on(kernel)
     norm.rectify = True
     grad = assert_same_function(norm(inputs), expected, inputs, (1e-6, 1e-6), (1e-5, 1e-7))
     assert (grad[inputs <= 0] == 0).all() and (grad[inputs > 0] != 0).all()
@@ -231,6 +232,6 @@ def test_an_lrn_that_rectifies_its_input_equals_relu_then_lrn(kernel):
 def test_an_even_window_that_rectifies_its_input_equals_relu_then_lrn():
     """An even window takes torch's implementation (no closed-form backward): the ReLU still runs."""
     inputs = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(4)) * 100
-    norm = ResponseNorm(4, 1e-4, 0.75, 2.0, kernel="compiled")
+    norm = response_norm_on("compiled", 4, 1e-4, 0.75, 2.0)
     norm.rectify = True
     torch.testing.assert_close(norm(inputs), ResponseNorm(4, 1e-4, 0.75, 2.0)(torch.relu(inputs)))

@@ -8,7 +8,7 @@ from replicate.config import ConfigError
 from replicate.model import AlexNet, PaperDropout, conv1_padding
 from tests.test_lrn import lrn_by_loop
 
-# Parameters per layer (both columns together) at 1000 classes: the spec's §1 table.
+# Parameters per layer (both columns together) at 1000 classes: §3.5's layer sizes, counted by hand.
 PAPER_PARAMETERS = {
     "conv1": 34_944,
     "conv2": 307_456,
@@ -357,7 +357,7 @@ def test_bad_variants_are_named_errors(bad, message):
 
 
 def test_multiply_adds_match_the_layer_arithmetic():
-    from replicate.bench_model import multiply_adds
+    from replicate.bench.network import multiply_adds
 
     # Per image, both columns: conv1 55*55*96*363, conv2 27*27*256*1200, conv3 13*13*384*2304,
     # conv4 13*13*384*1728, conv5 13*13*256*1728, FC 9216*4096 + 4096*4096 + 4096*1000.

@@ -61,7 +61,7 @@ def test_the_2012_lab_notebook_parses_and_holds_the_recorded_runs():
     from replicate.paper import LAB_PROTOCOLS, lab_delta, lab_record, load_lab_notebook
 
     records = {r["id"]: r for r in load_lab_notebook()}
-    expected = {  # spec §11: cfg -> recorded top-1 / top-5
+    expected = {  # the 2012 code's cfg comments: cfg -> recorded top-1 / top-5
         "c145": (40.66, 18.21),
         "c145_135": (40.25, 17.99),
         "c145_2010": (37.47, 17.00),

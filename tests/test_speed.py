@@ -1,6 +1,6 @@
 """Every fast path against the reference path: channels-last, bf16 autocast, torch.compile, TF32,
 the compiled LRN kernel, Winograd convolutions, the fused columns on a GPU, and training runs with
-the options on (issue: performance)."""
+the options on."""
 
 import json
 import os
@@ -12,17 +12,19 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import alexnet
 
-from replicate.lrn import ResponseNorm, use_lrn_kernel
+from replicate.kernels.winograd import conv_algorithm_unavailable_reason, use_winograd
+from replicate.lrn import ResponseNorm
 from replicate.model import AlexNet
 from replicate.speed import (
     KEEP_FREED_MEMORY,
+    SpeedConfig,
     autocast,
     begin_step,
+    compiled,
     memory_format,
     set_precision,
-    speed_up,
+    use_lrn_kernel,
 )
-from replicate.winograd import conv_algorithm_unavailable_reason, use_winograd
 from tests.conftest import write_image_tree
 from tests.test_train import train
 
@@ -66,7 +68,7 @@ def precision_errors(make, precision, images, labels, device="cuda"):
     fast.load_state_dict(reference.state_dict())
     set_precision(precision)
     try:
-        network = speed_up(fast, channels_last=True, compile=False)
+        network = fast.to(memory_format=torch.channels_last)
         fast_images = images.to(device).contiguous(memory_format=torch.channels_last)
         logits, grads = step(fast, network, fast_images, labels.to(device), precision)
     finally:
@@ -78,7 +80,7 @@ def precision_errors(make, precision, images, labels, device="cuda"):
 
 def test_channels_last_computes_the_same_function():
     reference, fast, images, labels = pair()
-    network = speed_up(fast, channels_last=True, compile=False)
+    network = fast.to(memory_format=torch.channels_last)
     assert fast.columns[0].convs["conv2"][0].weight.is_contiguous(memory_format=torch.channels_last)
     logits, grads = step(fast, network, images.contiguous(memory_format=memory_format(True)), labels)
     ref_logits, ref_grads = step(reference, reference, images, labels)
@@ -108,7 +110,7 @@ def test_bf16_autocast_loses_no_more_than_torchvision_does():
 def test_torch_compile_computes_the_same_function(mode):
     # Dropout off: compiled graphs draw their masks from another generator.
     reference, fast, images, labels = pair(dropout="off")
-    network = speed_up(fast, channels_last=False, compile=True, compile_mode=mode)
+    network = compiled(fast, SpeedConfig(compile=True, compile_mode=mode))
     begin_step(mode)
     logits, grads = step(fast, network, images, labels)
     ref_logits, ref_grads = step(reference, reference, images, labels)
@@ -132,7 +134,7 @@ def test_the_compiled_lrn_kernel_computes_the_same_function(fused):
 
 
 def test_the_winograd_convolutions_compute_the_same_function():
-    # train.conv_algorithm=winograd: conv2-conv5 of both columns, transforms built by torch.compile
+    # speed.conv_algorithm=winograd: conv2-conv5 of both columns, transforms built by torch.compile
     reference, _, images, labels = pair(dropout="off")
     fast = AlexNet(10, fused=False, dropout="off")
     fast.load_state_dict(reference.state_dict())
@@ -163,8 +165,8 @@ def test_winograd_is_refused_where_it_would_not_run(tmp_path):
         "winograd", [torch.device("cpu"), torch.device("cuda:0")]
     )
     assert conv_algorithm_unavailable_reason("direct", [torch.device("cuda:0")]) is None
-    for other in ("train.compile=true", "train.fused_columns=true"):
-        code, _, err = train(tmp_path, "train.conv_algorithm=winograd", other)
+    for other in ("speed.compile=true", "speed.fused_columns=true"):
+        code, _, err = train(tmp_path, "speed.conv_algorithm=winograd", other)
         assert code != 0 and "conv_algorithm=winograd needs compile=false and fused_columns=false" in err
         assert "Traceback" not in err
 
@@ -225,21 +227,21 @@ def test_a_run_with_every_speed_option_trains_and_evaluates(tmp_path):
     code, out, err = train(
         tmp_path,
         "train.max_steps=2",
-        "train.precision=bf16",
-        "train.channels_last=true",
-        "train.fused_columns=true",
-        "train.lrn_kernel=compiled",
+        "speed.precision=bf16",
+        "speed.channels_last=true",
+        "speed.fused_columns=true",
+        "speed.lrn_kernel=compiled",
     )
     assert code == 0, err
     run = tmp_path / "baseline" / "seed0"
     assert (run / "evaluation.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
-    code, _, err = train(tmp_path / "bad", "train.precision=fp16")
+    code, _, err = train(tmp_path / "bad", "speed.precision=fp16")
     assert code != 0 and "precision" in err and "fp16" in err
 
 
 @pytest.mark.slow
 def test_a_run_with_winograd_convolutions_trains_and_evaluates(tmp_path):
-    code, _, err = train(tmp_path, "train.max_steps=2", "train.conv_algorithm=winograd")
+    code, _, err = train(tmp_path, "train.max_steps=2", "speed.conv_algorithm=winograd")
     assert code == 0, err
     run = tmp_path / "baseline" / "seed0"
     assert (run / "evaluation.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
@@ -249,12 +251,12 @@ def test_a_run_with_winograd_convolutions_trains_and_evaluates(tmp_path):
 @pytest.mark.parametrize(
     "options",
     [
-        ["train.precision=fp32", "data.augment_on=device"],
+        ["speed.precision=fp32", "data.augment_on=device"],
         ["data.store_format=jpeg", "data.augment_on=device", "data.decode_on=device"],  # nvjpeg
-        ["train.precision=bf16", "train.channels_last=true", "train.compile=true"],
-        ["train.precision=tf32", "train.compile=true", "train.compile_mode=reduce-overhead"],  # CUDA graphs
-        ["train.lrn_kernel=triton", "train.fused_columns=true"],
-        ["train.lrn_kernel=compiled"],  # Inductor's Triton kernels
+        ["speed.precision=bf16", "speed.channels_last=true", "speed.compile=true"],
+        ["speed.precision=tf32", "speed.compile=true", "speed.compile_mode=reduce-overhead"],  # CUDA graphs
+        ["speed.lrn_kernel=triton", "speed.fused_columns=true"],
+        ["speed.lrn_kernel=compiled"],  # Inductor's Triton kernels
     ],
 )
 def test_a_gpu_training_run_with_speed_options(tmp_path, options):
@@ -347,9 +349,9 @@ def test_the_compiled_kernels_without_a_compiler_are_a_clear_error(tmp_path):
     reason = "torch.compile could not build the LRN's kernels on cpu (InvalidCxxCompiler: No working C++"
     assert bench.returncode == 2 and f"--lrn-kernel compiled: {reason}" in bench.stderr, bench.stderr
     assert "Traceback" not in bench.stderr and not (tmp_path / "b.json").exists()
-    code, _, err = train(tmp_path / "runs", "train.lrn_kernel=compiled", env=env)
-    assert code != 0 and f"train.lrn_kernel=compiled: {reason}" in err and "Traceback" not in err, err
-    assert "set train.lrn_kernel=torch" in err
+    code, _, err = train(tmp_path / "runs", "speed.lrn_kernel=compiled", env=env)
+    assert code != 0 and f"speed.lrn_kernel=compiled: {reason}" in err and "Traceback" not in err, err
+    assert "set speed.lrn_kernel=torch" in err
     assert not list((tmp_path / "runs").rglob("*.pt"))  # no step was taken
     # Winograd's transforms are built by torch.compile too: bench, bench-winograd and train
     reason = "torch.compile could not build its transforms (InvalidCxxCompiler: No working C++"
@@ -363,6 +365,6 @@ def test_the_compiled_kernels_without_a_compiler_are_a_clear_error(tmp_path):
         )
         assert probe.returncode == 2 and reason in probe.stderr, (command, probe.stderr)
         assert "Traceback" not in probe.stderr and not (tmp_path / "w.json").exists()
-    code, _, err = train(tmp_path / "runs", "train.conv_algorithm=winograd", env=env)
-    assert code != 0 and f"train.conv_algorithm=winograd: {reason}" in err and "Traceback" not in err, err
-    assert "set train.conv_algorithm=direct" in err and not list((tmp_path / "runs").rglob("*.pt"))
+    code, _, err = train(tmp_path / "runs", "speed.conv_algorithm=winograd", env=env)
+    assert code != 0 and f"speed.conv_algorithm=winograd: {reason}" in err and "Traceback" not in err, err
+    assert "set speed.conv_algorithm=direct" in err and not list((tmp_path / "runs").rglob("*.pt"))

@@ -13,10 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from replicate.data.sources import BUNDLED_DIR
+from replicate.data.sources import MIRROR_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout"),
+]
 
 TINY = [
     "model.num_classes=10",
@@ -212,7 +215,7 @@ def test_make_replicate_style_run_ends_with_a_labelled_table(tmp_path):
     assert ensemble.returncode == 0, ensemble.stderr
     record = json.loads((tmp_path / "replicate-bundled" / "ensemble-of-2" / "evaluation.json").read_text())
     single = json.loads((run_dir / "evaluation.json").read_text())["views"]["ten_crop"]
-    assert record["runs"] == [str(run_dir)] * 2
+    assert [member["dir"] for member in record["runs"]] == [str(run_dir)] * 2
     assert record["device"].split()[0] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # train.device
     assert record["views"]["ten_crop"]["top1_error"] == single["top1_error"]
     assert abs(record["views"]["ten_crop"]["loss"] - single["loss"]) < 1e-4

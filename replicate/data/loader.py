@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from replicate.config import ConfigError, Section
+from replicate.data.device_decode import images_on
 from replicate.data.imagenet import Split, class_names, ilsvrc_split, image_folder
 from replicate.data.sources import IMAGENET_HELP, DataError, bundled_or_download, cache_dir
 from replicate.data.store import ImageStore, StoreSpec, build_store, fingerprint
 from replicate.data.transforms import Augment, AugmentConfig
 
-# The bundled Imagenette subset: per class, 500 train and 150 val images (../shared/data/README.md).
+# The bundled Imagenette subset: per class, 500 train and 150 val images.
 IMAGENETTE_PER_CLASS = {"train": 500, "val": 150}
 
 
@@ -194,10 +195,34 @@ def training_mode(config: DataConfig, device: torch.device) -> str:
     return "train_plan" if on_device else "train"
 
 
+class Batch(NamedTuple):
+    """What the loader yields in every mode. `pixels` are the views themselves (evaluation; training
+    views cut in the workers), or, with a `plan` (the batch's random draws, `Augment.plan`), the
+    uint8 images or their JPEG bytes from which the training device cuts them."""
+
+    pixels: torch.Tensor | dict[str, torch.Tensor]
+    labels: torch.Tensor
+    plan: dict[str, torch.Tensor] | None = None
+
+    def views(
+        self,
+        augment: Augment,
+        device: torch.device,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> torch.Tensor:
+        """The views on `device` in `memory_format`, cut (and decoded) there first if need be."""
+        views = (
+            self.pixels
+            if self.plan is None
+            else augment.apply_plan(images_on(self.pixels, device), self.plan)
+        )
+        return views.to(device, non_blocking=True, memory_format=memory_format)
+
+
 class StoreDataset(Dataset):
     """Batches from a store: `mode` train (one random view), centre, or ten_crop (B x 10 views).
 
-    train_plan: (uint8 images, the batch's random draws, labels), for `Augment.apply_plan` on the
+    train_plan: the uint8 images with the batch's random draws, for `Augment.apply_plan` on the
     training device (`data.augment_on: device`). train_encoded: the same with the JPEG bytes in
     place of the images (`ImageStore.encoded`), decoded there too (`data.decode_on: device`)."""
 
@@ -209,24 +234,23 @@ class StoreDataset(Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitems__(self, keys: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> Batch:
         indices = [index for _, _, index in keys]
         if self.mode in ("train_plan", "train_encoded"):
             plan = self.augment.plan([(epoch, position) for epoch, position, _ in keys])
             pixels = (
                 self.store.encoded(indices) if self.mode == "train_encoded" else self.store.images(indices)
             )
-            return pixels, plan, self.store.labels[indices]
+            return Batch(pixels, self.store.labels[indices], plan)
         images = self.store.images(indices)
         if self.mode == "train":
             views = self.augment.train(images, [(epoch, position) for epoch, position, _ in keys])
         else:
             views = getattr(self.augment, self.mode)(images)
-        return views, self.store.labels[indices]
+        return Batch(views, self.store.labels[indices])
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        views, labels = self.__getitems__([key])
-        return views[0], labels[0]
+    def __getitem__(self, key: tuple[int, int, int]) -> Batch:
+        return self.__getitems__([key])
 
 
 def _whole_batch(batch):

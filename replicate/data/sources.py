@@ -1,4 +1,5 @@
-"""Where data files come from: an explicit path, $ALEXNET_DATA, the bundled folder, or a download.
+"""Where data files come from, in order: `data.root`, $ALEXNET_DATA, a data mirror folder beside the
+checkout if there is one, else the official download.
 
 Archives are verified by checksum and extracted into a cache directory ($ALEXNET_CACHE, else
 ~/.cache/alexnet-2012); the folders they are found in are only ever read.
@@ -17,8 +18,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# The data that ships with this project, beside the checkout on every machine of this workplace.
-BUNDLED_DIR = REPO_ROOT.parent / "shared" / "data"
+# A mirror of the project's data files beside the checkout (shared/data next to it), used when present.
+MIRROR_DIR = REPO_ROOT.parent / "shared" / "data"
 
 
 class DataError(RuntimeError):
@@ -31,7 +32,8 @@ class Download:
     md5: str  # the checksum the publisher gives
 
 
-# The bundled files (../shared/data/SHA256SUMS) and the official archive a user without them gets.
+# The project's bundled data files (their SHA256SUMS in the mirror) and the official archive a user
+# without them gets.
 BUNDLED_SHA256 = {
     "imagenette-224-mini.tar": "464627c5bef8442181e531d5541294de3096ed24345b243209db03a53b49bce3",
     "imagenet-samples-200.tar": "41b11b30e0c087974b53a50116b94807121624f7808dbc081bcf4e868abb13b7",
@@ -72,7 +74,8 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 
 
 def search_dirs(explicit: str | Path | None = None) -> list[Path]:
-    """The folders searched for data files, in order: explicit, $ALEXNET_DATA, bundled."""
+    """The folders searched for data files, in order: `explicit` (data.root), $ALEXNET_DATA, the
+    mirror beside the checkout."""
     dirs = []
     if explicit is not None:
         if not Path(explicit).is_dir():
@@ -83,8 +86,8 @@ def search_dirs(explicit: str | Path | None = None) -> list[Path]:
         if not Path(env).is_dir():
             raise DataError(f"$ALEXNET_DATA names a folder that does not exist: {env}")
         dirs.append(Path(env))
-    if BUNDLED_DIR.is_dir():
-        dirs.append(BUNDLED_DIR)
+    if MIRROR_DIR.is_dir():
+        dirs.append(MIRROR_DIR)
     return dirs
 
 
@@ -181,5 +184,26 @@ def bundled_or_download(
                 f"{archive}: md5 does not match the published {source.md5}; corrupt or another version"
             )
     else:
-        archive = download(source, cache / "downloads" / name)
+        try:
+            archive = download(source, cache / "downloads" / name)
+        except DataError as error:
+            raise DataError(nowhere([bundled_name, name], explicit, str(error))) from None
     return safe_extract(archive, cache / "extracted" / name.split(".")[0]), False
+
+
+def nowhere(names: list[str], explicit: str | Path | None, download_error: str) -> str:
+    """The message when no copy of any of `names` is reachable: every place looked, and how to
+    point the project at a local copy."""
+    env = os.environ.get("ALEXNET_DATA")
+    looked = [
+        f"data.root: {explicit}" if explicit is not None else "data.root: not set",
+        f"$ALEXNET_DATA: {env}" if env else "$ALEXNET_DATA: not set",
+        f"the mirror beside the checkout: {MIRROR_DIR}" + ("" if MIRROR_DIR.is_dir() else " (absent)"),
+        f"the official download: {download_error}",
+    ]
+    return (
+        f"no copy of {' or '.join(names)} could be found. Looked in:\n  - "
+        + "\n  - ".join(looked)
+        + "\nPut one in a folder and point the project at it: data.root=/that/folder "
+        "(make ... DATA=/that/folder) or ALEXNET_DATA=/that/folder"
+    )

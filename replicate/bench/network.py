@@ -6,7 +6,7 @@ figure is forward + backward + optimiser step on one batch (training) or a 10-vi
 384-256-256 kernels): about the same multiply-adds, printed below, so the ratio measures cost of
 fidelity, not of work. It also times this repo's LRN against torch's `F.local_response_norm` and
 its max-pooling against `nn.MaxPool2d` on one column's maps, times each net's conv and fc layers
-alone against its whole step (`bench_layers`), and reports the allocator setting
+alone against its whole step (`bench.layers`), and reports the allocator setting
 (`speed.keep_freed_memory`).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
@@ -23,32 +23,33 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import alexnet
 
-from replicate import bench_records, devices
-from replicate.arguments import whole_number
-from replicate.bench_layers import layer_multiply_adds, layer_times, matrix_layer_times, timed
-from replicate.bench_records import FUSED, PER_COLUMN, TORCHVISION
+from replicate import devices
+from replicate.bench import records as bench_records
+from replicate.bench.arguments import whole_number
+from replicate.bench.layers import layer_multiply_adds, layer_times, matrix_layer_times, timed
+from replicate.bench.records import FUSED, PER_COLUMN, TORCHVISION
 from replicate.config import ConfigError
-from replicate.lrn import LRNKernel, kernel_unavailable_reason, use_lrn_kernel
-from replicate.lrn_triton import setting_conflict
-from replicate.model import AlexNet
+from replicate.kernels.winograd import ConvAlgorithm
+from replicate.model import ModelConfig
 from replicate.optim import OptimConfig, paper_optimizer
 from replicate.speed import (
     CompileMode,
+    LRNKernel,
     Precision,
+    SpeedConfig,
     allocator_note,
     autocast,
     begin_step,
+    build_network,
+    compiled,
     keep_freed_memory,
     memory_format,
     page_faults,
-    set_precision,
-    speed_up,
 )
-from replicate.winograd import ConvAlgorithm, conv_algorithm_unavailable_reason, use_winograd
 
 # `run`'s warm-up: rounds until QUIET_ROUNDS in a row each map at most QUIET_PAGE_FAULTS new pages
-# (16 MiB), WARM_UP_ROUNDS_MAX rounds at most. One quiet round was not enough: the Winograd net's
-# steps mapped new pages again in the round after a quiet one (a one-off count, stop 20).
+# (16 MiB), WARM_UP_ROUNDS_MAX rounds at most. One quiet round is not enough: the Winograd net's steps
+# can map new pages again in the round after a quiet one.
 QUIET_ROUNDS, QUIET_PAGE_FAULTS, WARM_UP_ROUNDS_MAX = 2, 4096, 8
 
 
@@ -76,50 +77,22 @@ def multiply_adds(model: nn.Module, side: int = 224) -> int:
     return total
 
 
-@dataclass(frozen=True)
-class Options:
-    """Applied to every contender alike (replicate/speed.py)."""
-
-    precision: Precision = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    lrn_kernel: LRNKernel = "torch"  # replicate's nets only: torchvision's has no LRN
-    compile_mode: CompileMode = "default"
-    conv_algorithm: ConvAlgorithm = "direct"  # replicate's per-column net only, as `train.conv_algorithm`
-
-    def __str__(self) -> str:
-        text = f"precision {self.precision}; channels_last {self.channels_last}; compile {self.compile}"
-        if self.compile_mode != "default":
-            text += f" ({self.compile_mode})"
-        text += f"; lrn_kernel {self.lrn_kernel}" if self.lrn_kernel != "torch" else ""
-        return text + (f"; conv_algorithm {self.conv_algorithm}" if self.conv_algorithm != "direct" else "")
-
-
-def contenders(device: torch.device, options: Options) -> dict[str, tuple[nn.Module, nn.Module]]:
-    """name -> (module, what to call: the same module, or its compiled wrapper)."""
+def contenders(device: torch.device, speed: SpeedConfig) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """name -> (module, what to call: the same module, or its compiled wrapper). This repo's nets are
+    built by `build_network`, as training builds them; torchvision's takes the layout and compile."""
     torch.manual_seed(0)
+    fused = replace(speed, fused_columns=True, conv_algorithm="direct")  # it calls F.conv2d itself
     models = {
-        TORCHVISION: alexnet(num_classes=1000),
-        FUSED: AlexNet(1000, fused=True),
-        PER_COLUMN: AlexNet(1000, fused=False),
+        TORCHVISION: alexnet(num_classes=1000).to(device, memory_format=memory_format(speed.channels_last)),
+        FUSED: build_network(ModelConfig(), fused, [device]),
+        PER_COLUMN: build_network(ModelConfig(), replace(speed, fused_columns=False), [device]),
     }
-    for name in (FUSED, PER_COLUMN):
-        use_lrn_kernel(models[name], options.lrn_kernel)
-    if options.conv_algorithm == "winograd":  # the fused path calls F.conv2d itself
-        use_winograd(models[PER_COLUMN])
-    return {
-        name: (
-            model.to(device),
-            speed_up(model, options.channels_last, options.compile, options.compile_mode),
-        )
-        for name, model in models.items()
-    }
+    return {name: (model, compiled(model, speed)) for name, model in models.items()}
 
 
 def run(
-    device: torch.device, batch: int, repeats: int, steps: int, options: Options, profile: bool = False
+    device: torch.device, batch: int, repeats: int, steps: int, options: SpeedConfig, profile: bool = False
 ) -> dict:
-    set_precision(options.precision)
     torch.backends.cudnn.benchmark = True  # each contender gets cuDNN's fastest algorithms for its shapes
     models = contenders(device, options)
     optimizers = {name: paper_optimizer(model, OptimConfig()) for name, (model, _) in models.items()}
@@ -154,9 +127,8 @@ def run(
         "ten_crop": {n: [] for n in models},
     }
     # Warm-up (allocator, kernels, compilation, first touch of memory): rounds of every contender's
-    # training steps and 10-crop passes, until the heap has room for all their large blocks. Until
-    # then a step can map fresh pages, whose first touch is slow, on this repo's 2-core VM very slow
-    # (BENCHMARKS.md, the allocator): two fixed rounds left timed repeats that did. The timed
+    # training steps and 10-crop passes, until the heap has room for all their large blocks. Before
+    # that a step can map fresh pages, whose first touch is slow (on a small VM very slow). The timed
     # repeats' own page faults are recorded, so a record shows whether they still did.
     warm_up_rounds = quiet_rounds = 0
     while warm_up_rounds < WARM_UP_ROUNDS_MAX and quiet_rounds < QUIET_ROUNDS:
@@ -202,7 +174,7 @@ def run(
         "warm_up": {"rounds": warm_up_rounds, "page_faults_in_timed_repeats": faults_in_repeats},
         "macs": {  # the fused and per-column paths do the same multiply-adds
             ("replicate AlexNet" if name == FUSED else name): multiply_adds(model.cpu().float())
-            for name, (model, _) in contenders(torch.device("cpu"), Options()).items()
+            for name, (model, _) in contenders(torch.device("cpu"), SpeedConfig()).items()
             if name != PER_COLUMN
         },
     }
@@ -215,7 +187,7 @@ def report(result: dict, saved: bool = False) -> str:
     lines = [f"device: {result['device']}; batch {result['batch']}; {result['options']}; torch {versions}"]
     lines.append(bench_records.processor_line(result))
     lines.append(f"allocator: {result.get('allocator', 'not recorded')}")
-    if "warm_up" in result:  # records before stop 20 warmed up for two rounds and counted no faults
+    if "warm_up" in result:  # the H100 records name no warm-up (two fixed rounds)
         warm_up = result["warm_up"]
         lines.append(
             f"warm-up: {warm_up['rounds']} round(s); page faults during the timed repeats: "
@@ -236,7 +208,7 @@ def report(result: dict, saved: bool = False) -> str:
                 f"{phase:>8} ratio {mine}/torchvision: min {min(ratios):.2f} / median "
                 f"{statistics.median(ratios):.2f} / max {max(ratios):.2f}  (target >= 1.2)"
             )
-    for kind in ("lrn", "pool"):  # records of stop 10 have neither, of stop 11 no pool
+    for kind in ("lrn", "pool"):  # the H100 records have neither
         for layer, times in result.get(kind, {}).items():
             reference = next(name for name in times if name.startswith("torch"))
             # ours, ours (compiled) and on a GPU ours (triton), each against torch's
@@ -256,8 +228,8 @@ def report(result: dict, saved: bool = False) -> str:
 
 
 def _matrix_layer_lines(result: dict) -> list[str]:
-    """Each contender's conv + fc layers against its whole training step (records before stop 14 have
-    no such timings)."""
+    """Each contender's conv + fc layers against its whole training step (the H100 records have no
+    such timings)."""
     matrix = result.get("matrix_layers", {})
     if not matrix:
         return []
@@ -278,7 +250,7 @@ def _matrix_layer_lines(result: dict) -> list[str]:
     lines.append(
         f"   1.2x torchvision's median training rate is a step of {step_ms[TORCHVISION] / 1.2:.1f} ms"
     )
-    if all("layers" in record for record in matrix.values()):  # records before stop 17 have no split
+    if all("layers" in record for record in matrix.values()):
         lines.append("   per layer, median ms (G multiply-adds/s), replicate's columns summed:")
         lines.append("     layer " + "".join(f"{name:>26}" for name in matrix))
         for layer in matrix[TORCHVISION]["layers"]:
@@ -350,23 +322,20 @@ def main(argv: list[str] | None = None) -> int:
         device = devices.resolve(args.device, "--device")
     except ConfigError as error:
         parser.error(str(error))
-    compile_mode = args.compile or "default"
-    options = Options(
-        args.precision,
-        args.channels_last,
-        bool(args.compile),
-        args.lrn_kernel,
-        compile_mode,
-        args.conv_algorithm,
-    )
-    why_not = kernel_unavailable_reason(options.lrn_kernel, [device])
-    if options.lrn_kernel == "triton":
-        why_not = why_not or setting_conflict(options.compile, options.channels_last)
+    try:
+        options = SpeedConfig(
+            args.precision,
+            args.channels_last,
+            bool(args.compile),
+            args.compile or "default",
+            lrn_kernel=args.lrn_kernel,
+            conv_algorithm=args.conv_algorithm,
+        )
+        why_not = options.unavailable_reason([device], flags=True)
+    except ConfigError as error:
+        parser.error(str(error))
     if why_not:
-        parser.error(f"--lrn-kernel {options.lrn_kernel}: {why_not}")
-    why_not = conv_algorithm_unavailable_reason(options.conv_algorithm, [device])
-    if why_not:
-        parser.error(f"--conv-algorithm {options.conv_algorithm}: {why_not}")
+        parser.error(why_not)
     kept = keep_freed_memory()  # as every `python -m replicate` command does; applies to all contenders
     batch, repeats, steps = (2, 1, 1) if args.smoke else (args.batch, args.repeats, args.steps)
     result = run(device, batch, repeats, steps, options, args.profile)

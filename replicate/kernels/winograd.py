@@ -5,7 +5,7 @@ channel pair; Winograd's algorithm does it with (m + r - 1)^2, at the price of i
 output transforms (adds and a few scalings) and of a different rounding. The per-frequency products
 become one batched matrix product; the transforms are fused by torch.compile. `bench-winograd` times
 it against oneDNN's direct convolutions layer by layer; `use_winograd` puts it into the network
-(`train.conv_algorithm=winograd`, CPU only, off by default: it changes the arithmetic; BENCHMARKS.md).
+(`speed.conv_algorithm=winograd`, CPU only, off by default: it changes the arithmetic; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -19,27 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicate.speed import compile_failure, compiled_kernel
+from replicate.kernels.compiler import compile_failure, compiled_kernel
 
-# `train.conv_algorithm`: direct leaves every convolution to the backend (oneDNN's direct algorithm on
+# `speed.conv_algorithm`: direct leaves every convolution to the backend (oneDNN's direct algorithm on
 # the CPU, cuDNN's choice on a GPU); winograd runs the stride-1 ones by `WinogradConv` (CPU only).
 ConvAlgorithm = Literal["direct", "winograd"]
 Matrix = list[list[Fraction]]
 # The tile m of F(m x m, r x r) that `use_winograd` gives a layer with r x r kernels. F(5x5, 3x3) on
 # conv3-conv5's 13 x 13 maps: three tiles a side, 49 products per 25 outputs (15 x 15 computed for
-# 13 x 13); until stop 21 the net took F(4x4, 3x3), which does about 30% more products per output and
-# transforms as many more numbers, and took about 17% longer (`bench-winograd`, BENCHMARKS.md).
-# F(3x3, 5x5) on conv2's 27 x 27, which it tiles exactly. F(4x4, 5x5) was about 8% faster there in a
-# one-off timing, but in the net (tests/test_speed.py) it put conv1's and conv2's weight gradients
-# 4e-3 off (relative norm), against 1e-5 with F(3x3, 5x5). The tiles round further from the exact
-# result than the direct convolution does (errors around 1e-5 of the largest input gradient, against a
-# few 1e-7; paper/fidelity.md).
+# 13 x 13); F(4x4, 3x3) does about 30% more products per output, transforms as many more numbers and
+# takes longer (`bench-winograd` times both). F(3x3, 5x5) on conv2's 27 x 27, which it tiles exactly:
+# F(4x4, 5x5) is a little faster there, but in the net (tests/test_speed.py) it puts conv1's and
+# conv2's weight gradients 4e-3 off (relative norm), against 1e-5 with F(3x3, 5x5). The tiles round
+# further from the exact result than the direct convolution does (errors around 1e-5 of the largest
+# input gradient, against a few 1e-7; paper/fidelity.md).
 NETWORK_TILES = {3: 5, 5: 3}
 # From this tile size n on, the input transform runs as two kernels, B^T over the rows and then B over
-# the columns, with the rows' result in memory between them. On F(3x3, 5x5)'s 7 x 7 tiles that took
-# half the time of the one kernel torch.compile fuses (conv2's maps, this repo's 2-core CPU), and on
-# F(4x4, 3x3)'s 6 x 6 tiles it made conv3-conv5 about 7% faster in training (a one-off A/B); on
-# F(2x2, 3x3)'s 4 x 4 tiles it took twice the time.
+# the columns, with the rows' result in memory between them: on 7 x 7 tiles (conv2's maps, a 2-core
+# AMD EPYC) about half the time of the one kernel torch.compile fuses, and faster on 6 x 6 tiles; on
+# 4 x 4 tiles twice the time.
 TWO_PASS_INPUT_TRANSFORM = 6
 # The interpolation points of Toom-Cook, in the order that keeps the transforms' numbers small;
 # the point at infinity is always added.
@@ -134,9 +132,8 @@ class WinogradConv:
     def __init__(self, m: int, r: int, padding: int, compiled: bool = True, _transposes=None) -> None:
         self.m, self.r, self.n, self.padding = m, r, m + r - 1, padding
         at, g, bt = winograd_matrices(m, r)
-        # The transforms see floats, each exactly its fraction's rounding as before: torch.compile traces
-        # a comparison or product of Fractions through fractions.py, which made tracing a training
-        # step's transforms take about 30 s on this repo's 2-core CPU, in every new process.
+        # The transforms see floats, each its fraction's rounding: torch.compile would trace a comparison
+        # or product of Fractions through fractions.py, op by op, in every new process.
         self.at, self.bt, self.a = _floats(at), _floats(bt), _floats(_transpose(at))
         g_matrix = torch.tensor(_floats(g), dtype=torch.float64)
         self.gg = torch.kron(g_matrix, g_matrix)  # (n^2, r^2): the kernel transform G g G^T, flattened
@@ -219,10 +216,9 @@ class WinogradConv:
         return torch.stack(_sandwich(self.a, [[tiles[:, :, a, :, b] for b in range(m)] for a in range(m)]))
 
     def kernel_transform(self, weight: torch.Tensor) -> torch.Tensor:
-        """G g G^T for every kernel, in the weight's dtype: (n^2, C, K). Until stop 20 it ran in float64
-        and was rounded after: in one-off comparisons the layers' largest errors were then somewhat
-        smaller (the same order, about 1e-5 of the largest output) and a training step on the CPU
-        slightly longer (paper/fidelity.md)."""
+        """G g G^T for every kernel, in the weight's dtype: (n^2, C, K). In float64, rounded after, the
+        layers' largest errors are of the same order (about 1e-5 of the largest output) and a training
+        step on the CPU slightly longer (paper/fidelity.md)."""
         kernels, channels = weight.shape[:2]
         flat = weight.reshape(kernels, channels, self.r**2).permute(2, 1, 0).reshape(self.r**2, -1)
         return (self.gg.to(weight.dtype) @ flat).view(self.n**2, channels, kernels)

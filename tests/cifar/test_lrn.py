@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
+from replicate.cifar.lrn import LrnCifarConfig
 from replicate.config import ConfigError
-from replicate.data.sources import BUNDLED_DIR
-from replicate.lrn_cifar import LrnCifarConfig
+from replicate.data.sources import MIRROR_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bad_settings_are_named():
@@ -20,7 +20,7 @@ def test_bad_settings_are_named():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")
+@pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout")
 def test_a_short_run_records_both_arms_the_difference_and_the_paper(tmp_path):
     command = [sys.executable, "-m", "replicate", "lrn-cifar", "experiments/cifar10/lrn.yaml"]
     small = ["train_images=256", "test_images=200", "epochs=2", "lr_drop_epochs=[1]", "seeds=[0, 1]"]

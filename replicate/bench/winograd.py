@@ -2,12 +2,12 @@
 
 `make bench` finds every convolution already running near this CPU's multiply-add rate, so what is
 left is doing fewer multiplies. PyTorch's CPU convolutions ask oneDNN for its direct algorithm; a
-Winograd convolution (`replicate/winograd.py`) does fewer. This probe times it against the direct
+Winograd convolution (`replicate/kernels/winograd.py`) does fewer. This probe times it against the direct
 convolution on the inputs the stride-1 layers (conv2-conv5) get in one column of the net's forward
 pass, alternating: the forward alone, and forward + backward (the gradients of input, weights and
 bias, as a training step needs them). Each is timed whole and as its batched matrix products alone,
 the bound that free transforms would reach, for two tile sizes per layer: the one the network
-takes under `train.conv_algorithm=winograd` (`winograd.NETWORK_TILES`) and another (BENCHMARKS.md).
+takes under `speed.conv_algorithm=winograd` (`winograd.NETWORK_TILES`) and another (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicate import bench_records
-from replicate.arguments import whole_number
-from replicate.bench_layers import matrix_layers_at_work, timed
+from replicate.bench import records as bench_records
+from replicate.bench.arguments import whole_number
+from replicate.bench.layers import matrix_layers_at_work, timed
+from replicate.kernels.winograd import WinogradConv, channels_last_view, conv_algorithm_unavailable_reason
 from replicate.model import AlexNet
-from replicate.winograd import WinogradConv, channels_last_view, conv_algorithm_unavailable_reason
 
 # F(m, r) tried per kernel size: the network's (`winograd.NETWORK_TILES`) and another: for 3 x 3 kernels
-# F(4x4, 3x3), the net's until stop 21, for 5 x 5 ones F(2x2, 5x5), which rounds less.
+# F(4x4, 3x3), which does more products per output, for 5 x 5 ones F(2x2, 5x5), which rounds less.
 TILES = {3: (5, 4), 5: (3, 2)}
 
 

@@ -16,9 +16,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from replicate.lrn import ResponseNorm, kernel_unavailable_reason, reference_response_norm
+from replicate.lrn import ResponseNorm, reference_response_norm
 from replicate.pool import MaxPool
-from replicate.speed import Precision, autocast, memory_format
+from replicate.speed import Precision, SpeedConfig, autocast, memory_format, use_lrn_kernel
 
 
 def timed(function, device: torch.device) -> float:
@@ -52,10 +52,11 @@ def layer_times(device: torch.device, batch: int, repeats: int, channels_last: b
         },
         "pool": {"ours": MaxPool(3, 2), "torch nn.MaxPool2d": nn.MaxPool2d(3, 2)},
     }
-    if kernel_unavailable_reason("compiled", [device]) is None:
-        pairs["lrn"]["ours (compiled)"] = ResponseNorm(kernel="compiled")
-    if not channels_last and kernel_unavailable_reason("triton", [device]) is None:
-        pairs["lrn"]["ours (triton)"] = ResponseNorm(kernel="triton")
+    for kernel in ("compiled", "triton"):
+        if SpeedConfig(lrn_kernel=kernel).unavailable_reason([device]) is None:
+            if kernel == "compiled" or not channels_last:  # the Triton kernels take NCHW maps
+                pairs["lrn"][f"ours ({kernel})"] = ResponseNorm()
+                use_lrn_kernel(pairs["lrn"][f"ours ({kernel})"], kernel)
     shapes = {  # one column's maps where each layer reads them (a 224 x 224 input)
         "lrn": {"lrn1": (48, 55), "lrn2": (128, 27)},
         "pool": {"pool1": (48, 55), "pool2": (128, 27), "pool5": (128, 13)},

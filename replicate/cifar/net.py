@@ -3,7 +3,7 @@
 The paper does not specify the net. The 2012 code's `layers-18pct.cfg` ("18% error on CIFAR-10 in
 20 minutes") is the four-layer net of that era: conv 5x5 32 -> max-pool 3/2 -> [norm] -> conv 5x5 32
 -> avg-pool 3/2 -> [norm] -> conv 5x5 64 -> avg-pool 3/2 -> FC 10 (three conv layers and one
-fully-connected). Figure 1 uses it without the normalisation layers (reference spec §9).
+fully-connected). Figure 1 uses it without the normalisation layers (paper/fidelity.md).
 """
 
 from __future__ import annotations

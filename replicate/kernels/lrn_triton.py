@@ -1,4 +1,4 @@
-"""The exact LRN of §3.3 as two fused Triton kernels for CUDA (`train.lrn_kernel=triton`).
+"""The exact LRN of §3.3 as two fused Triton kernels for CUDA (`speed.lrn_kernel=triton`).
 
 `lrn.ResponseNorm` on a GPU runs its window sum as five shifted adds and its backward as a chain of
 element-wise kernels: each reads and writes whole activation maps (BENCHMARKS.md, the H100
@@ -8,7 +8,7 @@ walks the channels of one image's block of positions, so the window's neighbours
 its own recent loads.
 
 Same rule and closed-form backward as `lrn._ResponseNormFunction`, summed in the same order; tests
-hold the two equal (tests/test_lrn_triton.py: in Triton's interpreter on the CPU, compiled on a GPU
+hold the two equal (tests/kernels/test_lrn_triton.py: in Triton's interpreter on the CPU, compiled on a GPU
 where one is present, and compiled ahead of time for an H100 everywhere). Inputs: fp32, contiguous,
 the maps in dim -3 (N x C x H x W, or N x G x C x H x W with one column per G). Triton
 is imported only when a kernel is first needed.
@@ -49,7 +49,7 @@ def setting_conflict(compile: bool, channels_last: bool) -> str | None:
 
 def _kernels():
     """The kernels' module, imported on first use: importing it imports triton."""
-    return importlib.import_module("replicate.lrn_triton_kernels")
+    return importlib.import_module("replicate.kernels.lrn_triton_kernels")
 
 
 def _launch(kernel, maps: torch.Tensor, tensors: tuple, scalars: tuple, **constants) -> None:
@@ -111,3 +111,13 @@ def fused_response_norm(maps: torch.Tensor, size: int, alpha: float, beta: float
     if torch.is_grad_enabled() and maps.requires_grad:
         return _FusedResponseNorm.apply(maps, size, alpha, beta, k)
     return _forward(maps, size, alpha, beta, k, keep=False)[0]
+
+
+def triton_response_norm(
+    maps: torch.Tensor, rule: tuple[int, float, float, float], rectify: bool
+) -> torch.Tensor | None:
+    """`ResponseNorm`'s fast path under `lrn_kernel=triton` (`lrn.FastPath`): contiguous maps on a GPU
+    (the ReLU stays a module of its own under this kernel, so `rectify` is never set here)."""
+    if rectify or not (maps.is_cuda and maps.is_contiguous()):
+        return None
+    return fused_response_norm(maps, *rule)

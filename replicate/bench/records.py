@@ -36,7 +36,7 @@ def processor() -> str:
 
 
 def processor_line(record: dict) -> str:
-    """The report's line naming the record's processor (recorded since stop 21)."""
+    """The report's line naming the record's processor (GPU records may name none)."""
     return f"processor: {record.get('processor', 'not recorded')}"
 
 

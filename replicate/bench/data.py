@@ -28,9 +28,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
-from replicate import bench_records
-from replicate.arguments import whole_number
-from replicate.data.device_decode import images_on
+from replicate.bench import records as bench_records
+from replicate.bench.arguments import whole_number
 from replicate.data.imagenet import image_folder
 from replicate.data.loader import DataConfig, EpochBatches, StoreDataset, make_loader
 from replicate.data.sources import DataError, find_bundled
@@ -44,7 +43,10 @@ def photo_tree(workdir: Path, limit: int) -> Path:
     """The bundled full-size photos as an ImageFolder tree, one class per photo."""
     archive = find_bundled("imagenet-samples-200.tar")
     if archive is None:
-        raise DataError("bench-data needs imagenet-samples-200.tar (../shared/data or $ALEXNET_DATA)")
+        raise DataError(
+            "bench-data needs imagenet-samples-200.tar in $ALEXNET_DATA or the data mirror beside the "
+            "checkout"
+        )
     root = workdir / "photos"
     with tarfile.open(archive) as tar:
         members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)[:limit]
@@ -57,7 +59,7 @@ def photo_tree(workdir: Path, limit: int) -> Path:
 
 def epoch_rate(loader, count: int) -> float:
     start = time.perf_counter()
-    seen = sum(len(labels) for _, labels in loader)
+    seen = sum(len(batch[1]) for batch in loader)  # the labels, in torchvision's (images, labels) and a Batch
     assert seen == count, f"an epoch saw {seen} images, expected {count}"
     return count / (time.perf_counter() - start)
 
@@ -104,9 +106,8 @@ def steady_rate(
         start, seen = time.perf_counter(), 0
         for batch in loader:
             if device is not None:
-                pixels, plan, labels = batch
-                augment.apply_plan(images_on(pixels, device), plan)
-            seen += len(batch[-1])
+                batch.views(augment, device)
+            seen += len(batch.labels)
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
         assert seen == len(repeated), f"an epoch saw {seen} images, expected {len(repeated)}"

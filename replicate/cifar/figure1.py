@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from replicate import devices
-from replicate.cifar_net import CifarNet, CifarNetConfig, train_epoch
+from replicate.cifar.data import first_images, load_cifar10
+from replicate.cifar.net import CifarNet, CifarNetConfig, train_epoch
 from replicate.config import ConfigError, Section, to_dict
-from replicate.data.cifar10 import first_images, load_cifar10
 from replicate.optim import PaperSGD
 from replicate.paper import load_claims
 from replicate.tracking import write_record

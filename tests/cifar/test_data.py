@@ -4,16 +4,18 @@ import tarfile
 import numpy as np
 import pytest
 
-from replicate.data.cifar10 import load_cifar10, read_python_batches
-from replicate.data.sources import BUNDLED_DIR, DataError
+from replicate.cifar.data import load_cifar10, read_python_batches
+from replicate.data.sources import MIRROR_DIR, DataError
 
-needs_bundled = pytest.mark.skipif(not BUNDLED_DIR.is_dir(), reason="needs ../shared/data")
+needs_bundled = pytest.mark.skipif(
+    not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout"
+)
 
 
 @pytest.fixture(scope="module")
 def exact_test_batch(tmp_path_factory):
     folder = tmp_path_factory.mktemp("subset")
-    with tarfile.open(BUNDLED_DIR / "cifar-10-subset-python.tar.gz") as tar:
+    with tarfile.open(MIRROR_DIR / "cifar-10-subset-python.tar.gz") as tar:
         tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return read_python_batches(folder / "cifar-10-batches-py", ["test_batch"], complete=False)
 

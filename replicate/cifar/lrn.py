@@ -1,7 +1,7 @@
 """§3.3 on CIFAR-10: the four-layer net with and without response normalisation, test error.
 
 §3.3: "a four-layer CNN achieved a 13% test error rate without normalization and 11% with
-normalization". The net is the 2012 code's layers-18pct (replicate/cifar_net.py), with its two
+normalization". The net is the 2012 code's layers-18pct (replicate/cifar/net.py), with its two
 normalisation layers (after pool1 and pool2, §3.3's constants) or without them; both arms train
 with the same seeds, data order, learning-rate schedule and §5's update rule (momentum 0.9,
 weight decay 0.0005). The paper's training recipe for this net is not given (neither are its
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from replicate import devices
-from replicate.cifar_net import CifarNet, CifarNetConfig, train_epoch
+from replicate.cifar.data import first_images, load_cifar10
+from replicate.cifar.net import CifarNet, CifarNetConfig, train_epoch
 from replicate.config import ConfigError, Section, to_dict
-from replicate.data.cifar10 import first_images, load_cifar10
 from replicate.optim import PaperSGD
 from replicate.paper import load_claims
 from replicate.tracking import write_record

@@ -2,9 +2,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from replicate.mkl_dispatch import VML_FUNCTIONS
+from replicate.kernels.mkl_dispatch import VML_FUNCTIONS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRAIN = 32768  # ATen's at::internal::GRAIN_SIZE: an elementwise op on fewer numbers runs on one thread
 
 

@@ -1,5 +1,5 @@
-"""The Winograd convolution (replicate/winograd.py) that `bench-winograd` times computes the convolution
-and its gradients."""
+"""The Winograd convolution (replicate/kernels/winograd.py) that `bench-winograd` times computes the
+convolution and its gradients."""
 
 import json
 import random
@@ -12,16 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from replicate.bench_records import processor
-from replicate.bench_winograd import TILES
-from replicate.winograd import (
+from replicate.bench.records import processor
+from replicate.bench.winograd import TILES
+from replicate.kernels.winograd import (
     TWO_PASS_INPUT_TRANSFORM,
     WinogradConv,
     channels_last_view,
     winograd_matrices,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(("m", "r"), [(2, 3), (4, 3), (5, 3), (6, 3), (2, 5), (3, 5), (4, 5)])

@@ -1,4 +1,4 @@
-"""The fused Triton LRN (`train.lrn_kernel=triton`) against the torch path and §3.3's formula.
+"""The fused Triton LRN (`speed.lrn_kernel=triton`) against the torch path and §3.3's formula.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (the same kernel code, executed
 with NumPy); with one they also run compiled, on the GPU."""
@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from replicate.config import ConfigError
+from replicate.kernels.lrn_triton import fused_response_norm, unavailable_reason
 from replicate.lrn import ResponseNorm, _ResponseNormFunction, reference_response_norm
-from replicate.lrn_triton import fused_response_norm, unavailable_reason
-from replicate.train import TrainConfig
+from replicate.speed import SpeedConfig
+from tests.conftest import response_norm_on
 from tests.test_lrn import lrn_by_loop
 from tests.test_train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
@@ -79,7 +80,11 @@ def test_fused_kernels_equal_the_torch_path_in_the_interpreter():
     process of its own."""
     pytest.importorskip("triton")
     done = subprocess.run(
-        [sys.executable, "-c", "from tests.test_lrn_triton import *; check_against_the_torch_path('cpu')"],
+        [
+            sys.executable,
+            "-c",
+            "from tests.kernels.test_lrn_triton import *; check_against_the_torch_path('cpu')",
+        ],
         cwd=ROOT,
         env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True,
@@ -96,7 +101,7 @@ def test_fused_kernels_compile_for_an_h100():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from replicate import lrn_triton_kernels as kernels
+    from replicate.kernels import lrn_triton_kernels as kernels
 
     pointers = {"maps_ptr", "out_ptr", "den_ptr", "grad_ptr"}
     scalars = {"C": "i32", "P": "i32", "alpha": "fp32", "beta": "fp32", "k": "fp32"}
@@ -117,16 +122,16 @@ def test_fused_kernels_compile_for_an_h100():
 
 def test_lrn_kernel_settings_that_cannot_work_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="lrn_kernel=triton takes NCHW maps outside torch.compile"):
-        TrainConfig(lrn_kernel="triton", compile=True)
+        SpeedConfig(lrn_kernel="triton", compile=True)
     with pytest.raises(ConfigError, match="channels_last=True"):
-        TrainConfig(lrn_kernel="triton", channels_last=True)
+        SpeedConfig(lrn_kernel="triton", channels_last=True)
     with pytest.raises(ConfigError, match="compile_mode=reduce-overhead needs compile=true"):
-        TrainConfig(compile_mode="reduce-overhead")
+        SpeedConfig(compile_mode="reduce-overhead")
     assert "cpu" in unavailable_reason([torch.device("cpu")])
     if not torch.cuda.is_available():  # a CPU run asking for the GPU kernels stops, saying why
-        code, _, err = train(tmp_path, "train.max_steps=1", "train.lrn_kernel=triton")
+        code, _, err = train(tmp_path, "train.max_steps=1", "speed.lrn_kernel=triton")
         assert code != 0
-        assert "train.lrn_kernel=triton: the fused kernels run on CUDA devices, and this run is on cpu" in err
+        assert "speed.lrn_kernel=triton: the fused kernels run on CUDA devices, and this run is on cpu" in err
 
 
 @needs_gpu
@@ -136,11 +141,13 @@ def test_fused_kernels_equal_the_torch_path_on_the_gpu():
 
 @needs_gpu
 def test_response_norm_uses_the_fused_kernels_on_the_gpu(monkeypatch):
-    import replicate.lrn as lrn
+    import replicate.kernels.lrn_triton as lrn_triton
 
     calls = []
-    monkeypatch.setattr(lrn, "fused_response_norm", lambda *a: calls.append(a) or fused_response_norm(*a))
+    monkeypatch.setattr(
+        lrn_triton, "fused_response_norm", lambda *a: calls.append(a) or fused_response_norm(*a)
+    )
     maps = torch.rand(4, 96, 27, 27, device="cuda") * 100
-    norm = ResponseNorm(kernel="triton")
+    norm = response_norm_on("triton")
     torch.testing.assert_close(norm(maps, groups=2), ResponseNorm()(maps, groups=2), rtol=1e-5, atol=1e-5)
     assert len(calls) == 1 and calls[0][0].shape == (4, 2, 48, 27, 27)

@@ -20,8 +20,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from replicate import bench_records
-from replicate.arguments import positive_number
+from replicate.bench import records as bench_records
+from replicate.bench.arguments import positive_number
 
 ILSVRC2012_TRAIN = 1_281_167
 ILSVRC2012_VAL = 50_000

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from replicate.projection import EPOCHS, GRADIENT_BYTES, ILSVRC2012_TRAIN, ILSVRC2012_VAL, main, project
+from replicate.bench.projection import EPOCHS, GRADIENT_BYTES, ILSVRC2012_TRAIN, ILSVRC2012_VAL, main, project
 
 ROOT = Path(__file__).resolve().parents[1]
 
