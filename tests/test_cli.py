@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from replicate.bench.records import processor
+from replicate.tracking import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,18 +23,21 @@ def run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_config_command_prints_the_resolved_config():
     result = run("config", "experiments/baseline.yaml", "model.lrn=off")
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["model"]["lrn"] == "off"
 
 
+@pytest.mark.slow
 def test_unknown_key_is_an_error_naming_it():
     result = run("config", "experiments/baseline.yaml", "model.colums=1")
     assert result.returncode == 2
     assert "unknown config key 'model.colums'" in result.stderr
 
 
+@pytest.mark.slow
 def test_model_command_counts_the_papers_parameters():
     result = run("model", "experiments/baseline.yaml")
     assert result.returncode == 0, result.stderr
@@ -50,6 +54,7 @@ def test_import_and_build_in_a_fresh_interpreter():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_prepare_command_stores_a_slice_of_the_bundled_subset():
     result = run("prepare", "experiments/baseline.yaml", "data.limit_per_class=3")
     assert result.returncode == 0, result.stderr
@@ -64,6 +69,7 @@ def test_data_errors_are_named_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_data_smoke_mode_runs():
     result = run("bench-data", "--smoke")
     assert result.returncode == 0, result.stderr
@@ -72,6 +78,7 @@ def test_bench_data_smoke_mode_runs():
     assert f"processor: {processor()}" in result.stdout  # figures differ between CPUs
 
 
+@pytest.mark.slow
 def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
     saved_at = tmp_path / "records" / "bench.json"  # a folder the run makes
     result = run("bench", "--smoke", "--channels-last", "--json", str(saved_at))
@@ -122,8 +129,11 @@ def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
     saved = run("bench", "--report", str(saved_at))
     assert saved.returncode == 0 and "smoke: timings meaningless" in saved.stdout
     assert f"processor: {processor()}" in saved.stdout
+    commit = json.loads(saved_at.read_text())["commit"]  # the code the record was made with
+    assert commit == git_commit() and f"; commit: {commit}" in saved.stdout
 
 
+@pytest.mark.slow
 def test_bench_commands_check_the_record_path_before_measuring(tmp_path):
     # Full-size runs (minutes), so an answer within the subprocess timeout means nothing was measured.
     not_a_folder = tmp_path / "notes.txt"
@@ -136,6 +146,7 @@ def test_bench_commands_check_the_record_path_before_measuring(tmp_path):
     assert list(tmp_path.iterdir()) == [not_a_folder]
 
 
+@pytest.mark.slow
 def test_bench_counts_that_cannot_work_are_usage_errors_naming_the_option():
     h100 = ["analysis/benchmarks/h100/fp32.json", "--data", "analysis/benchmarks/h100/data.json"]
     expected = {
@@ -150,6 +161,7 @@ def test_bench_counts_that_cannot_work_are_usage_errors_naming_the_option():
         assert wrong.returncode == 2 and message in wrong.stderr, wrong.stderr
 
 
+@pytest.mark.slow
 def test_bench_report_names_a_file_that_is_no_bench_record(tmp_path):
     missing, garbled, other = tmp_path / "missing.json", tmp_path / "garbled.json", tmp_path / "other.json"
     garbled.write_text('{"device": "cpu", "rates"')
@@ -165,6 +177,7 @@ def test_bench_report_names_a_file_that_is_no_bench_record(tmp_path):
         assert "Traceback" not in wrong.stderr
 
 
+@pytest.mark.slow
 def test_bench_refuses_the_triton_lrn_where_it_cannot_run():
     wrong = run("bench", "--device", "cpu", "--lrn-kernel", "triton")
     assert (
@@ -174,6 +187,7 @@ def test_bench_refuses_the_triton_lrn_where_it_cannot_run():
     assert wrong.returncode == 2 and "invalid choice: 'max-autotune'" in wrong.stderr
 
 
+@pytest.mark.slow
 def test_a_device_this_machine_lacks_is_an_error_before_any_work(tmp_path):
     """cuda:99 on any machine: no such GPU. Named before data, models or run directories are made."""
     runs = tmp_path / "runs"

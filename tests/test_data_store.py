@@ -87,6 +87,7 @@ def test_mean_image_and_pca_recover_a_known_covariance(tmp_path):
     assert stats["eigenvalues"][0] > stats["eigenvalues"][1] > stats["eigenvalues"][2]
 
 
+@pytest.mark.slow
 def test_preprocessing_resumes_after_sigkill_with_the_same_result(tmp_path):
     write_image_tree(tmp_path / "data", "train", {"n01": 700, "n02": 700}, size=(320, 300))
     script = textwrap.dedent(f"""

@@ -65,6 +65,7 @@ def test_mean_image_is_subtracted_at_the_crops_position_or_its_centre():
     assert torch.equal(centre[0, 5], image[:, :224, :224].flip(-1) - image[:, 16:240, 16:240])
 
 
+@pytest.mark.slow
 def test_random_crops_cover_all_offsets_and_flip_half_the_time():
     augment = Augment(no_noise(), zero_stats())
     views = augment.train(position_images(400), [(0, p) for p in range(400)])
@@ -90,6 +91,7 @@ def test_no_crop_no_flip_gives_the_centre_patch():
     assert torch.equal(views, augment.centre(position_images(20)))
 
 
+@pytest.mark.slow
 def test_paper_colour_noise_is_a_per_image_constant_with_alpha_std_0_1():
     stats = zero_stats()
     augment = Augment(AugmentConfig(random_crop=False, flip=False), stats)
@@ -105,6 +107,7 @@ def test_paper_colour_noise_is_a_per_image_constant_with_alpha_std_0_1():
     assert abs(np.corrcoef(alphas[:, 0], alphas[:, 1])[0, 1]) < 0.1
 
 
+@pytest.mark.slow
 def test_code2012_colour_noise_uses_sqrt_eigenvalues_and_divides_by_1_1():
     stats = zero_stats()
     augment = Augment(AugmentConfig(random_crop=False, flip=False, colour_noise="code2012"), stats)

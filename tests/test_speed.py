@@ -89,6 +89,7 @@ def test_channels_last_computes_the_same_function():
         assert relative(grad, ref_grads[name]) < 1e-4, name
 
 
+@pytest.mark.slow
 def test_bf16_autocast_loses_no_more_than_torchvision_does():
     """bf16 operands keep 7 bits: at §5's init conv1's gradient moves by ~0.3 relative for either
     net (its weight gradient sums many cancelling terms), so torchvision's loss is the yardstick."""
@@ -107,6 +108,7 @@ def test_bf16_autocast_loses_no_more_than_torchvision_does():
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # on a CPU: no CUDA graphs to replay
+@pytest.mark.slow
 def test_torch_compile_computes_the_same_function(mode):
     # Dropout off: compiled graphs draw their masks from another generator.
     reference, fast, images, labels = pair(dropout="off")
@@ -120,6 +122,7 @@ def test_torch_compile_computes_the_same_function(mode):
 
 
 @pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.slow
 def test_the_compiled_lrn_kernel_computes_the_same_function(fused):
     reference, fast, images, labels = pair(dropout="off")
     if not fused:
@@ -133,6 +136,7 @@ def test_the_compiled_lrn_kernel_computes_the_same_function(fused):
         assert relative(grad, ref_grads[name]) < 1e-4, name
 
 
+@pytest.mark.slow
 def test_the_winograd_convolutions_compute_the_same_function():
     # speed.conv_algorithm=winograd: conv2-conv5 of both columns, transforms built by torch.compile
     reference, _, images, labels = pair(dropout="off")
@@ -160,6 +164,7 @@ def test_winograd_leaves_the_relu_that_the_compiled_lrn_took():
         assert all(column.convs[name][0].rectify for name in ("conv3", "conv4", "conv5"))
 
 
+@pytest.mark.slow
 def test_winograd_is_refused_where_it_would_not_run(tmp_path):
     assert "runs on the CPU only, not on cuda:0" in conv_algorithm_unavailable_reason(
         "winograd", [torch.device("cpu"), torch.device("cuda:0")]
@@ -307,6 +312,7 @@ print(sum(faults[5:]))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+@pytest.mark.slow
 def test_kept_freed_memory_is_reused_without_new_page_faults():
     def steady_faults(keep: str) -> tuple[str, int]:
         env = {**os.environ, KEEP_FREED_MEMORY: keep}
@@ -325,6 +331,7 @@ def test_kept_freed_memory_is_reused_without_new_page_faults():
     assert faults_kept < faults_default / 4
 
 
+@pytest.mark.slow
 def test_the_compiled_kernels_without_a_compiler_are_a_clear_error(tmp_path):
     """Where torch.compile cannot build the LRN's kernels or Winograd's transforms (here: no C++
     compiler, and a cache of its own so that no earlier build is reused), `bench`, `bench-winograd`

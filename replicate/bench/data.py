@@ -241,7 +241,7 @@ def report(result: dict) -> str:
         [
             f"images: {result['images']} full-size ImageNet photos; workers: {result['workers']}; "
             f"batch: {result['batch_size']}; torch {torch.__version__}",
-            bench_records.processor_line(result),
+            bench_records.origin_line(result),
             f"one-time preprocessing to 256x256: {result['preprocess_rate']:.0f} images/s",
             f"baseline (torchvision ImageFolder + PIL + Resize(256) ...): "
             f"{spread(result['baseline'])} images/s",

@@ -185,7 +185,7 @@ def report(result: dict, saved: bool = False) -> str:
         result.get("torch", "?") if saved else f"{torch.__version__}; threads {torch.get_num_threads()}"
     )
     lines = [f"device: {result['device']}; batch {result['batch']}; {result['options']}; torch {versions}"]
-    lines.append(bench_records.processor_line(result))
+    lines.append(bench_records.origin_line(result))
     lines.append(f"allocator: {result.get('allocator', 'not recorded')}")
     if "warm_up" in result:  # the H100 records name no warm-up (two fixed rounds)
         warm_up = result["warm_up"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from replicate.tracking import write_json
+from replicate.tracking import git_commit, write_json
 
 # The contenders, as bench records name them; per-column is the training default (fused_columns off).
 TORCHVISION, FUSED, PER_COLUMN = "torchvision alexnet", "replicate (fused)", "replicate (per-column)"
@@ -35,9 +35,10 @@ def processor() -> str:
     return f"{name}; {os.cpu_count()} logical cores; {torch.backends.cpu.get_cpu_capability()}"
 
 
-def processor_line(record: dict) -> str:
-    """The report's line naming the record's processor (GPU records may name none)."""
-    return f"processor: {record.get('processor', 'not recorded')}"
+def origin_line(record: dict) -> str:
+    """The report's line naming where the record was made: the processor and the code's commit
+    (the H100 records name neither: they were made at commit 73e1977)."""
+    return f"processor: {record.get('processor', 'not recorded')}; commit: {record.get('commit', 'not recorded')}"
 
 
 class RecordError(ValueError):
@@ -70,7 +71,9 @@ def check_json_option(parser: argparse.ArgumentParser, path: Path | None) -> Non
 
 
 def write(path: Path, record: dict) -> None:
-    write_json(path, record)  # via a .partial file: an interrupted write leaves the old record whole
+    """`record` with the code's commit, via a .partial file: an interrupted write leaves the old
+    record whole."""
+    write_json(path, {**record, "commit": git_commit()})
 
 
 def read(path: Path, command: str, needs: tuple[str, ...]) -> dict:

@@ -234,7 +234,7 @@ def report(result: dict) -> str:
     lines = [
         f"Winograd against direct convolution, one column, batch {result['batch']}; "
         f"torch {result['torch']}; threads {result['threads']}",
-        bench_records.processor_line(result),
+        bench_records.origin_line(result),
     ]
     _section(lines, result, "forward", "forward only (Winograd on channels-last input):")
     _section(

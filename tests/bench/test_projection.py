@@ -29,6 +29,7 @@ def test_the_slower_of_network_and_pipeline_bounds_and_gpus_add_the_all_reduce()
     assert four.hours == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_the_command_reads_bench_records(tmp_path, capsys):
     bench = {
         "device": "a GPU",

@@ -21,6 +21,7 @@ def exact_test_batch(tmp_path_factory):
 
 
 @needs_bundled
+@pytest.mark.slow
 def test_bundled_jpeg_cifar10_has_every_image_in_the_original_order(exact_test_batch):
     train = load_cifar10("train")
     test = load_cifar10("test")

@@ -74,6 +74,7 @@ def check_against_the_torch_path(device: str) -> None:
         fused_response_norm(maps, 4, 1e-4, 0.75, 2.0)
 
 
+@pytest.mark.slow
 def test_fused_kernels_equal_the_torch_path_in_the_interpreter():
     """Triton's interpreter runs the kernels on CPU tensors. It must be on before triton is first
     imported (triton's own jit'd helpers, tl.zeros among them, are defined then), so it runs in a
@@ -120,6 +121,7 @@ def test_fused_kernels_compile_for_an_h100():
             assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]
 
 
+@pytest.mark.slow
 def test_lrn_kernel_settings_that_cannot_work_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="lrn_kernel=triton takes NCHW maps outside torch.compile"):
         SpeedConfig(lrn_kernel="triton", compile=True)

@@ -113,6 +113,7 @@ def test_the_transforms_read_the_exact_matrices_as_floats():
         assert floats == [[float(value) for value in row] for row in exact]
 
 
+@pytest.mark.slow
 def test_compiled_transforms_compute_the_same_in_float32():
     # what the net runs: F(5x5, 3x3) on conv3-like maps, the transforms built by torch.compile,
     # forward and forward + backward
@@ -182,6 +183,7 @@ def test_two_layers_reading_one_tensor_transform_it_once():
     assert len(transforms) == 2 and kept is not None
 
 
+@pytest.mark.slow
 def test_bench_winograd_smoke_mode_runs(tmp_path):
     saved_at = tmp_path / "winograd.json"
     result = subprocess.run(
