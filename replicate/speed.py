@@ -50,7 +50,8 @@ LRN_FAST_PATHS = {"compiled": compiled_response_norm, "triton": triton_response_
 
 @dataclass
 class SpeedConfig(Section):
-    """How the network runs; every option but `precision` computes the paper's fp32 function."""
+    """How the network runs; every option but `precision` computes the paper's fp32 function (Winograd
+    rounds it differently: paper/fidelity.md)."""
 
     precision: Precision = "fp32"  # fp32 | tf32 | bf16 (autocast); fp32 is the paper's arithmetic
     channels_last: bool = False  # NHWC memory layout for the convolutions

@@ -3,6 +3,7 @@ of the bundled Imagenette subset (2 images per class, batch 8)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -182,7 +183,8 @@ def test_wandb_offline_logs_the_run_and_never_writes_the_api_key(tmp_path):
     assert (run_dir / "wandb_id.txt").is_file() and (run_dir / "steps.csv").is_file()
 
 
-def test_make_replicate_style_run_ends_with_a_labelled_table(tmp_path):
+def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
+    """`make replicate`'s two commands: the pipeline, then the table of the run beside the paper."""
     command = [
         sys.executable,
         "-m",
@@ -198,13 +200,26 @@ def test_make_replicate_style_run_ends_with_a_labelled_table(tmp_path):
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "NOT comparable with the paper" in result.stdout
-    assert "| paper (§6, Table 2, 1 CNN, ilsvrc2012 val) | 10 crops (§4.1) | 40.7 | 18.2 |" in result.stdout
-    assert "10 crops" in result.stdout and "centre crop" in result.stdout
+    run_dir = tmp_path / "replicate-bundled" / "seed0"
+    for views in ("centre", "ten_crop"):
+        assert re.search(
+            rf"\n{views}: top-1 error [\d.]+%, top-5 error [\d.]+% on 20 images \(imagenette val, fp32\)",
+            result.stdout,
+        )
+    assert f"run: {run_dir}" in result.stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "analysis.tables", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert table.returncode == 0 and "NOT comparable with the paper" in table.stdout, table.stderr
+    assert "| paper (§6, Table 2, 1 CNN, ilsvrc2012 val) | 10 crops (§4.1) | 40.7 | 18.2 |" in table.stdout
+    assert "10 crops" in table.stdout and "centre crop" in table.stdout
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "is finished; showing its results" in again.stdout
     # An ensemble of the run with itself averages identical softmax outputs: the single run's errors.
-    run_dir = tmp_path / "replicate-bundled" / "seed0"
     ensemble = subprocess.run(
         [sys.executable, "-m", "replicate", "evaluate", str(run_dir), str(run_dir), "--views", "ten_crop"],
         cwd=ROOT,
@@ -218,6 +233,10 @@ def test_make_replicate_style_run_ends_with_a_labelled_table(tmp_path):
     assert [member["dir"] for member in record["runs"]] == [str(run_dir)] * 2
     assert record["device"].split()[0] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # train.device
     assert record["views"]["ten_crop"]["top1_error"] == single["top1_error"]
+    # training and `evaluate` write one schema, naming the precision it was computed in
+    trained = json.loads((run_dir / "evaluation.json").read_text())
+    assert set(record) == set(trained) and record["precision"] == trained["precision"] == "fp32"
+    assert trained["runs"] == [{"dir": str(run_dir), "epoch": 1, "batch": 0, "step": 3}]
     assert abs(record["views"]["ten_crop"]["loss"] - single["loss"]) < 1e-4
 
 
