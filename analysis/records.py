@@ -1,19 +1,46 @@
-"""Run records as tables: every run directory (config.yaml + evaluation.json) under a runs folder,
-and the ensemble evaluations, one row per (run, protocol). Read only what runs wrote."""
+"""Run records as tables: every finished run directory (config.yaml + evaluation.json) under a runs
+folder, and the ensemble evaluations, one row per (run, protocol). Read only what runs wrote.
+
+Each row names its `experiment`: the run's name and a hash of its resolved config but for the seed,
+so that tables pool only runs of one experiment (analysis/tables.py), and its data `source` (which
+copy of which data set produced the store: `evaluation.json`'s source label).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-BUNDLED_DATASETS = {"imagenette"}  # the 10-class subset that ships with the project
+SMALL_DATASETS = {"imagenette"}  # 10 classes: never comparable with the paper's ILSVRC numbers
 COLUMNS = [
-    "run", "name", "seed", "claim", "kind", "dataset", "split", "bundled", "protocol", "images",
-    "top1_error", "top5_error",
+    "run", "name", "seed", "claim", "kind", "experiment", "dataset", "split", "source", "bundled",
+    "protocol", "images", "top1_error", "top5_error",
 ]  # fmt: skip
+# Keys that differ between the runs of one experiment: the seed, and the folder runs are written to.
+NOT_THE_EXPERIMENT = {("train", "seed"), ("train", "runs_dir")}
+NO_SOURCE = "source not recorded"
+
+
+def experiment_id(config: dict) -> str:
+    """`name (config <hash>)`: runs that share it differ at most in their seed and folder."""
+    kept = {
+        section: {k: v for k, v in values.items() if (section, k) not in NOT_THE_EXPERIMENT}
+        if isinstance(values, dict)
+        else values
+        for section, values in config.items()
+    }
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{config.get('name', '?')} (config {digest})"
+
+
+def finished(run_dir: Path) -> bool:
+    """A run's record counts once its status says finished (an ensemble folder has no status)."""
+    status = run_dir / "status.json"
+    return not status.is_file() or json.loads(status.read_text()).get("state") == "finished"
 
 
 def _config(run_dir: Path) -> dict:
@@ -26,17 +53,21 @@ def load_records(root: str | Path) -> pd.DataFrame:
     rows = []
     for evaluation_path in sorted(Path(root).rglob("evaluation.json")):
         run_dir = evaluation_path.parent
+        if not finished(run_dir):
+            continue
         evaluation = json.loads(evaluation_path.read_text())
         members = [Path(member["dir"]) for member in evaluation.get("runs", [])]
         if len(members) > 1:  # an ensemble (runs.evaluate_runs): its members' configs
             config = _config(members[0])
             name, seed, kind = run_dir.name, None, "ensemble"
             claim = "ensemble_5cnns" if name.startswith("ensemble") else ""
+            experiment = f"{name} of {experiment_id(config)}"
         else:
             config = _config(run_dir) or (_config(members[0]) if members else {})
             ablation = config.get("ablation", {}) or {}
             name, kind = config.get("name", run_dir.parent.name), ablation.get("kind", "train")
             seed, claim = config.get("train", {}).get("seed"), ablation.get("claim", "")
+            experiment = experiment_id(config)
         dataset = evaluation.get("dataset", config.get("data", {}).get("dataset", "?"))
         for protocol, result in evaluation.get("views", {}).items():
             rows.append(
@@ -46,9 +77,11 @@ def load_records(root: str | Path) -> pd.DataFrame:
                     "seed": seed,
                     "claim": claim,
                     "kind": kind,
+                    "experiment": experiment,
                     "dataset": dataset,
                     "split": evaluation.get("split", "?"),
-                    "bundled": dataset in BUNDLED_DATASETS,
+                    "source": evaluation.get("source", {}).get("label", NO_SOURCE),
+                    "bundled": dataset in SMALL_DATASETS,
                     "protocol": protocol,
                     "images": result["images"],
                     "top1_error": result["top1_error"],
@@ -93,9 +126,11 @@ def load_wandb_records(path: str, api=None) -> pd.DataFrame:
                     "seed": seed,
                     "claim": ablation.get("claim", ""),
                     "kind": ablation.get("kind", "train"),
+                    "experiment": experiment_id(config),
                     "dataset": dataset,
                     "split": data.get("eval_split", "val"),
-                    "bundled": dataset in BUNDLED_DATASETS,
+                    "source": summary.get("data_source", NO_SOURCE),
+                    "bundled": dataset in SMALL_DATASETS,
                     "protocol": protocol,
                     "images": summary.get(f"{protocol}/images"),
                     "top1_error": summary[f"{protocol}/top1_error"],

@@ -63,20 +63,39 @@ BASELINE_MODELS = {"table1_cnn", "table2_1cnn"}  # rows measured by this reposit
 ENSEMBLE_MODELS = {"table2_5cnns": "ensemble_5cnns"}
 
 
-def _where(dataset: str, split: str, bundled: bool) -> str:
-    return f"{dataset} {split}" + (
-        " (bundled 10-class subset: NOT comparable with the paper)" if bundled else ""
-    )
+def _where(row: pd.Series) -> str:
+    """What a row measured on: the data set and split, and which copy of it (`source`)."""
+    where = f"{row['dataset']} {row['split']} ({row['source']}"
+    return where + (": NOT comparable with the paper)" if row["bundled"] else ")")
 
 
 def _errors(records: pd.DataFrame, column: str) -> Estimate:
     return mean_ci(list(records[column]))
 
 
+def experiments(records: pd.DataFrame) -> list[pd.DataFrame]:
+    """`records` split into experiments: one data set, split and source, one config but for the seed
+    (records.experiment_id). Only rows of one experiment may be pooled into a mean."""
+    keys = ["dataset", "split", "source", "experiment"]
+    return [group for _, group in records.groupby(keys, sort=True)] if not records.empty else []
+
+
+def refusal(group: pd.DataFrame) -> str | None:
+    """Why the runs of one experiment cannot be pooled (a seed measured by two runs), or None."""
+    runs = group.drop_duplicates("run")
+    repeated = runs[runs["seed"].notna() & runs["seed"].duplicated(keep=False)]
+    if repeated.empty:
+        return None
+    seed = repeated.iloc[0]["seed"]
+    twins = sorted(repeated[repeated["seed"] == seed]["run"])
+    return f"refused: seed {seed} measured by {len(twins)} runs ({', '.join(twins)})"
+
+
 def paper_table(records: pd.DataFrame, table: int, claims: dict | None = None) -> pd.DataFrame:
     """Table 1 (ILSVRC-2010 test) or Table 2 (ILSVRC-2012 val): the paper's rows, each with the
-    measured error (mean ± 95% CI over seeds, n) per protocol, or "not run"; and any rows
-    measured on the bundled subset, labelled as such."""
+    measured error (mean ± 95% CI over the seeds of one experiment, n) per protocol, or "not run";
+    and, for Table 2, the runs on the 10-class subset, labelled as not comparable. Runs of different
+    configs or data sources are never pooled: each experiment has rows of its own."""
     claims = claims or load_claims()
     rows = []
     baseline = records[(records["claim"] == "") & (records["kind"] == "train")]
@@ -96,6 +115,7 @@ def paper_table(records: pd.DataFrame, table: int, claims: dict | None = None) -
                 {
                     **base,
                     **_paper_columns(paper),
+                    "experiment": "-",
                     "protocol": "-",
                     "measured top-1 %": "not run",
                     "measured top-5 %": "not run",
@@ -104,25 +124,29 @@ def paper_table(records: pd.DataFrame, table: int, claims: dict | None = None) -
                     "n": 0,
                 }
             )
-        for protocol in PROTOCOLS:
-            subset = found[found["protocol"] == protocol]
-            if not subset.empty:
-                rows.append({**base, **_paper_columns(paper), **_measured(subset, paper, protocol)})
-        if table == 2 and paper["id"] in BASELINE_MODELS | set(ENSEMBLE_MODELS):  # bundled, labelled
-            bundled = measured[measured["bundled"]]
-            for (bdataset, bsplit), group in bundled.groupby(["dataset", "split"]):
-                for protocol in PROTOCOLS:
-                    subset = group[group["protocol"] == protocol]
-                    if not subset.empty:
-                        rows.append(
-                            {
-                                **base,
-                                "data": _where(bdataset, bsplit, True),
-                                **_paper_columns(paper),
-                                **_measured(subset, paper, protocol, comparable=False),
-                            }
-                        )
+        groups = experiments(found)
+        if table == 2 and paper["id"] in BASELINE_MODELS | set(ENSEMBLE_MODELS):  # the subset, labelled
+            groups += experiments(measured[measured["bundled"]])
+        for group in groups:
+            rows += _experiment_rows(base, paper, group)
     return pd.DataFrame(rows)
+
+
+def _experiment_rows(base: dict, paper: dict, group: pd.DataFrame) -> list[dict]:
+    """One experiment's rows of a paper table, one per protocol measured."""
+    first, reason = group.iloc[0], refusal(group)
+    base = {**base, "data": _where(first), **_paper_columns(paper), "experiment": first["experiment"]}
+    rows = []
+    for protocol in PROTOCOLS:
+        subset = group[group["protocol"] == protocol]
+        if subset.empty:
+            continue
+        if reason:
+            measured = {"measured top-1 %": reason, "measured top-5 %": reason, "Δ top-1": "", "Δ top-5": ""}
+            rows.append({**base, "protocol": VIEW_NAMES[protocol], **measured, "n": 0})
+        else:
+            rows.append({**base, **_measured(subset, paper, protocol, comparable=not first["bundled"])})
+    return rows
 
 
 def _paper_columns(paper: dict) -> dict:
@@ -189,12 +213,13 @@ def ablation_table(records: pd.DataFrame, claims: dict | None = None) -> pd.Data
             "2012 log protocol": LAB_PROTOCOLS[lab_variant["protocol"]] if lab else "-",
         }
         deltas = claim_deltas(claim["id"], records)
-        if deltas is None:
+        if deltas is None or isinstance(deltas, str):
+            why = deltas or "not run"
             rows.append(
                 {
                     **row,
-                    "measured Δ top-1": "not run",
-                    "measured Δ top-5": "not run",
+                    "measured Δ top-1": why,
+                    "measured Δ top-5": why,
                     "n": 0,
                     "protocol": "-",
                     "data": "-",
@@ -216,20 +241,20 @@ def ablation_table(records: pd.DataFrame, claims: dict | None = None) -> pd.Data
 
 
 def claim_deltas(claim: str, records: pd.DataFrame):
-    """(top-1 deltas, top-5 deltas, protocol, data) for one claim, or None when not run."""
+    """(top-1 deltas, top-5 deltas, protocol, data) for one claim; a string saying why its runs
+    cannot be compared (seeds measured twice, baselines of several configs in one sweep); or None
+    when not run. Deltas pair a variant's seeds with the same seeds of its sweep's baseline."""
     trained = records[records["kind"] == "train"]
     baselines = trained[trained["claim"] == ""]
     if claim == "ten_crop":  # centre crop only, against 10 crops, on the baseline's own runs
-        for (dataset, split, bundled), group in baselines.groupby(["dataset", "split", "bundled"]):
+        for group in experiments(baselines):
+            if refusal(group):
+                return refusal(group)
             centre, ten = (_per_seed(group, p, "top1_error") for p in ("centre", "ten_crop"))
             centre5, ten5 = (_per_seed(group, p, "top5_error") for p in ("centre", "ten_crop"))
             if paired_deltas(centre, ten):
-                return (
-                    paired_deltas(centre, ten),
-                    paired_deltas(centre5, ten5),
-                    "centre vs 10 crops",
-                    _where(dataset, split, bundled),
-                )
+                deltas = paired_deltas(centre, ten), paired_deltas(centre5, ten5)
+                return (*deltas, "centre vs 10 crops", _where(group.iloc[0]))
         return None
     if claim == "ensemble_5cnns":
         ensembles = records[records["kind"] == "ensemble"]
@@ -245,12 +270,20 @@ def claim_deltas(claim: str, records: pd.DataFrame):
                 [row["top1_error"] - members["top1_error"].mean()],
                 [row["top5_error"] - members["top5_error"].mean()],
                 VIEW_NAMES[protocol],
-                _where(row["dataset"], row["split"], row["bundled"]),
+                _where(row),
             )
         return None
     variants = trained[trained["claim"] == claim]
-    for sweep, group in variants.groupby(variants["run"].map(_sweep)):
-        base = baselines[baselines["run"].map(_sweep) == sweep]
+    for group in experiments(variants):
+        sweep = _sweep(group.iloc[0]["run"])
+        base = baselines[
+            (baselines["run"].map(_sweep) == sweep) & (baselines["source"] == group.iloc[0]["source"])
+        ]
+        if base["experiment"].nunique() > 1:
+            return f"refused: the baseline runs of {sweep} are of {base['experiment'].nunique()} configs"
+        reason = refusal(group) or refusal(base)
+        if reason:
+            return reason
         protocol = "ten_crop" if (group["protocol"] == "ten_crop").any() else "centre"
         top1 = paired_deltas(
             _per_seed(group, protocol, "top1_error"), _per_seed(base, protocol, "top1_error")
@@ -259,13 +292,7 @@ def claim_deltas(claim: str, records: pd.DataFrame):
             _per_seed(group, protocol, "top5_error"), _per_seed(base, protocol, "top5_error")
         )
         if top1:
-            first = group.iloc[0]
-            return (
-                top1,
-                top5,
-                VIEW_NAMES[protocol],
-                _where(first["dataset"], first["split"], first["bundled"]),
-            )
+            return top1, top5, VIEW_NAMES[protocol], _where(group.iloc[0])
     return None
 
 

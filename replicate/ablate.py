@@ -15,9 +15,8 @@ from pathlib import Path
 
 from replicate.config import ConfigError, read_yaml
 from replicate.experiment import ExperimentConfig, load_experiment
-from replicate.runs import evaluate_runs
-from replicate.tracking import write_json
-from replicate.train import run_training
+from replicate.runs import evaluate_runs, train_or_resume
+from replicate.tracking import wandb_choice, write_json
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 PRESETS = ("bundled", "full")
@@ -51,22 +50,12 @@ def preset_overrides(preset: str) -> list[str]:
     return flatten(read_yaml(EXPERIMENTS / "presets" / f"{preset}.yaml"))
 
 
-def run_state(run_dir: Path) -> str | None:
-    status = run_dir / "status.json"
-    return json.loads(status.read_text())["state"] if status.is_file() else None
-
-
 def ensure_trained(config: ExperimentConfig, run_dir: Path, log: list[dict]) -> None:
     """Train `config` into `run_dir` unless finished there; resume it if it has a checkpoint."""
-    state = run_state(run_dir)
-    if state == "finished":
+    action = train_or_resume(config, run_dir)
+    if action == "finished":
         print(f"skip (finished): {run_dir}")
-        log.append({"run": str(run_dir), "action": "skipped"})
-        return
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
-    print(f"{'resume' if resume else 'train'}: {run_dir}")
-    run_training(config, run_dir, resume=resume)
-    log.append({"run": str(run_dir), "action": "resumed" if resume else "trained"})
+    log.append({"run": str(run_dir), "action": "skipped" if action == "finished" else action})
 
 
 def run_sweep(
@@ -76,6 +65,7 @@ def run_sweep(
     sweep = f"ablations-{preset}"
     extra = preset_overrides(preset) + [f"tracking.group={sweep}", *overrides]
     baseline = load_experiment(EXPERIMENTS / "baseline.yaml", extra)
+    wandb_choice(baseline.tracking)  # online without an API key: an error before the first run
     root = Path(baseline.train.runs_dir) / sweep
     configs = [load_experiment(path, extra) for path in ablation_files(only)]
     ensemble_seeds = max(

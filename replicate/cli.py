@@ -16,6 +16,7 @@ from replicate.bench import data as bench_data
 from replicate.bench import network as bench_network
 from replicate.bench import projection as bench_projection
 from replicate.bench import winograd as bench_winograd
+from replicate.checkpoints import CheckpointError
 from replicate.cifar.figure1 import Figure1Config, run_figure1
 from replicate.cifar.figure1 import table as figure1_table
 from replicate.cifar.lrn import LrnCifarConfig, run_lrn_cifar
@@ -25,7 +26,7 @@ from replicate.data.loader import prepare
 from replicate.data.sources import DataError
 from replicate.experiment import load_experiment, resolve_file
 from replicate.model import AlexNet
-from replicate.runs import evaluate_runs, run_config
+from replicate.runs import evaluate_runs, run_config, train_or_resume
 from replicate.train import TrainingError, default_run_dir, run_training
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -126,11 +127,7 @@ def replicate(args: argparse.Namespace) -> int:
     preset = EXPERIMENTS / ("baseline.yaml" if full else "replicate-bundled.yaml")
     config = load_experiment(config_file or preset, (["data.dataset=ilsvrc2012"] if full else []) + overrides)
     run_dir = default_run_dir(config.name, config.train)
-    status = run_dir / "status.json"
-    state = json.loads(status.read_text())["state"] if status.is_file() else None
-    if state != "finished":
-        run_training(config, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())
-    else:
+    if train_or_resume(config, run_dir) == "finished":
         print(f"{run_dir} is finished; showing its results (delete it to train again)")
     print_evaluation(json.loads((run_dir / "evaluation.json").read_text()))
     print(f"run: {run_dir}")
@@ -243,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as error:
         print(f"data error: {error}", file=sys.stderr)
+        return 2
+    except CheckpointError as error:
+        print(f"checkpoint error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
         print(f"training stopped: {error}", file=sys.stderr)

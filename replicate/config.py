@@ -12,7 +12,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -53,14 +53,48 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used, with the key at fault."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take, declared with its type: `Annotated[float, Range(0)]`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False  # high itself excluded
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {opening}{self.low:g}, {self.high:g}{closing}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+# The ranges most fields have: sizes and counts of steps, amounts that may be zero, probabilities.
+Positive = Annotated[int, Range(1)]
+NonNegativeInt = Annotated[int, Range(0)]
+NonNegative = Annotated[float, Range(0)]
+Probability = Annotated[float, Range(0, 1, high_open=True)]
+
+
 class Section:
-    """Base of every config dataclass: checks `Literal` choices on construction."""
+    """Base of every config dataclass: checks `Literal` choices and `Range`s on construction."""
 
     def __post_init__(self) -> None:
-        for name, hint in get_type_hints(type(self)).items():
+        for name, hint in get_type_hints(type(self), include_extras=True).items():
             value = getattr(self, name)
             if get_origin(hint) is Literal and value not in get_args(hint):
                 raise ConfigError(f"{name} = {value!r} is not one of {list(get_args(hint))}")
+            ranges = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)]
+            for allowed in ranges:
+                if value is not None and value not in allowed:
+                    raise ConfigError(f"{name} = {value!r} must be {allowed}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -147,6 +181,18 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
                 raise ConfigError(f"override {text!r}: '{part}' is not a section")
         node[path[-1]] = value
     return merged
+
+
+def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested mappings (or are in one only)."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            keys += differing_keys(left, right, f"{prefix}{key}.")
+        elif left != right or (key in a) != (key in b):
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:

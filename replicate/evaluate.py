@@ -85,17 +85,20 @@ def write_evaluation(
     out_dir: Path,
     results: dict[str, dict[str, float]],
     data: DataConfig,
+    source: dict,
     runs: list[dict],
     weights: str,
     device: torch.device,
     precision: str,
 ) -> dict:
     """out_dir/evaluation.json, the one record of a final evaluation, whether training wrote it or
-    `evaluate` did: `results` by views, the data it was measured on, the runs (dir, epoch, step of
-    their weights; several: an ensemble), and the device and precision it was computed in."""
+    `evaluate` did: `results` by views, the data it was measured on (the config, and the `source`
+    that produced its store: `Prepared.source`), the runs (dir, epoch, step of their weights;
+    several: an ensemble), and the device and precision it was computed in."""
     record = {
         "dataset": data.dataset,
         "split": data.eval_split,
+        "source": source,
         "runs": runs,
         "weights": weights,
         "device": devices.describe(device),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from replicate.config import ConfigError, Section, apply_overrides, from_dict, read_yaml
+from replicate.config import ConfigError, Positive, Section, apply_overrides, from_dict, read_yaml
 from replicate.data.loader import DataConfig
 from replicate.model import ModelConfig
 from replicate.optim import OptimConfig
@@ -24,7 +24,7 @@ from replicate.train import TrainConfig
 class AblationConfig(Section):
     claim: str = ""  # the id in paper/claims.yaml's ablations this config tests ("" for the baseline)
     kind: Literal["train", "views", "ensemble"] = "train"  # views, ensemble: from the baseline's runs
-    ensemble_size: int = 5  # §6: "5 CNNs"
+    ensemble_size: Positive = 5  # §6: "5 CNNs"
 
 
 # `fidelity: code2012`: every documented difference between the paper and the 2012 code's config
@@ -55,6 +55,15 @@ class ExperimentConfig(Section):
     speed: SpeedConfig = field(default_factory=SpeedConfig)  # precision, layout, compile, fast kernels
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # W&B and the local record
     ablation: AblationConfig = field(default_factory=AblationConfig)  # the paper claim a variant tests
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        crop, side = self.data.augment.crop_size, self.model.input_size
+        if crop != side:  # found now, not at the first step
+            raise ConfigError(
+                f"data.augment.crop_size = {crop} but model.input_size = {side}: the network takes the "
+                "crops as they are; set both to the same size"
+            )
 
 
 def resolve_file(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

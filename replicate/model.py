@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicate.config import ConfigError, Section
+from replicate.config import Positive, Probability, Range, Section
 from replicate.kernels.fused_columns import fused_conv_stack
 from replicate.lrn import LRNRule, SpatialResponseNorm, response_norm
 from replicate.pool import MaxPool
@@ -31,16 +31,18 @@ DropoutRule = Literal["paper", "inverted", "off"]
 class ModelConfig(Section):
     """The network and its ablation variants; every field is one switch of the paper's."""
 
-    num_classes: int = 1000  # ILSVRC's 1000 classes; any number works
-    input_size: int = 224  # side of the crop fed to conv1 (§3.5 says 224; see `conv1_padding`)
+    num_classes: Positive = 1000  # ILSVRC's 1000 classes; any number works
+    input_size: Positive = 224  # side of the crop fed to conv1 (§3.5 says 224; see `conv1_padding`)
     activation: Activation = "relu"  # §3.1: relu, or tanh for the saturating comparison
     lrn: LRNRule = "paper"  # §3.3: paper's formula, the 2012 code's alpha/n rule, or off
-    lrn_k: float = 2.0  # k of the normalisation (§3.3: 2; the 2012 code's default minDiv: 1)
+    lrn_k: Annotated[float, Range(0, low_open=True)] = (
+        2.0  # k of the normalisation (§3.3: 2; the 2012 code's default minDiv: 1)
+    )
     pooling: Pooling = "overlapping"  # §3.4: z=3, s=2; or non-overlapping z=s=2
     columns: Literal[1, 2] = 2  # 2: the paper's net; 1: §3.2's single column of half size
     remove_conv: Literal[0, 2, 3, 4] = 0  # §7: remove one middle conv layer (0 keeps all)
     dropout: DropoutRule = "paper"  # §4.2: paper's test-time x0.5 rule, PyTorch's inverted, off
-    dropout_p: float = 0.5  # §4.2: probability of dropping a hidden unit of FC6 and FC7
+    dropout_p: Probability = 0.5  # §4.2: probability of dropping a hidden unit of FC6 and FC7
     # §3.2/Figure 2: conv3, FC6 and FC7 read both columns. False: every layer but FC8 reads only its
     # own column (the 2012 code's #150, an ablation the paper never reported).
     column_communication: bool = True
@@ -48,13 +50,6 @@ class ModelConfig(Section):
     lrn1_before_relu: bool = False  # #145: conv1 -> LRN -> pool -> ReLU; the paper (§3.5): ReLU, then LRN
     spatial_norm: bool = False  # #145: a 5x5 spatial rnorm after LRN2 (not in the paper)
     init: Literal["paper", "code2012"] = "paper"  # §5: std 0.01 everywhere; #145: 0.03 in conv3-5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()  # Literal choices
-        if self.num_classes < 1:
-            raise ConfigError(f"num_classes must be positive, got {self.num_classes}")
-        if not 0.0 <= self.dropout_p < 1.0:
-            raise ConfigError(f"dropout_p must be in [0, 1), got {self.dropout_p}")
 
 
 @dataclass(frozen=True)
@@ -340,6 +335,12 @@ class AlexNet(nn.Module):
 
     def _hidden(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Each column's FC7 activations, before dropout."""
+        side = self.config.input_size  # conv1's padding and FC6's inputs are computed for it
+        if images.dim() != 4 or tuple(images.shape[-3:]) != (3, side, side):
+            raise ValueError(
+                f"AlexNet takes N x 3 x {side} x {side} crops (model.input_size={side}); "
+                f"got {' x '.join(map(str, images.shape))}"
+            )
         if self.fuses_columns():
             padded = F.pad(images, (0, self.conv1_padding, 0, self.conv1_padding))
             # (N, 2C, 6, 6).flatten(1) is column A's flattened maps, then column B's: FC6's input

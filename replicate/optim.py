@@ -12,31 +12,29 @@ rescaled to the new eps at once. The original code does exactly the paper's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import nn
 
-from replicate.config import ConfigError, Section
+from replicate.config import NonNegative, NonNegativeInt, Positive, Probability, Range, Section
 
 
 @dataclass
 class OptimConfig(Section):
     """§5's hyper-parameters; where the paper is silent, the 2012 code's."""
 
-    lr: float = 0.01  # §5: "initialized at 0.01", the same for all layers
-    momentum: float = 0.9  # §5
-    weight_decay: float = 0.0005  # §5
-    bias_lr_scale: float = 2.0  # paper silent; 2012 code: epsB = 2 x epsW (layer-params cfgs)
-    bias_weight_decay: float = 0.0  # paper silent; 2012 code: weight decay (wc) on weights only
-    lr_divisor: float = 10.0  # §5: "divide the learning rate by 10"
-    max_reductions: int = 3  # §5: "reduced three times prior to termination"
-    patience: int = 3  # epochs without a better validation error before dividing (paper: "stopped improving")
-    min_improvement: float = 0.0  # a validation error (percent) must beat the best by more than this
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.lr <= 0 or self.lr_divisor <= 1 or self.patience < 1:
-            raise ConfigError("lr must be > 0, lr_divisor > 1 and patience >= 1")
+    lr: Annotated[float, Range(0, low_open=True)] = 0.01  # §5: "initialized at 0.01", the same for all layers
+    momentum: Probability = 0.9  # §5 (in [0, 1): the velocity must decay)
+    weight_decay: NonNegative = 0.0005  # §5
+    bias_lr_scale: NonNegative = 2.0  # paper silent; 2012 code: epsB = 2 x epsW (layer-params cfgs)
+    bias_weight_decay: NonNegative = 0.0  # paper silent; 2012 code: weight decay (wc) on weights only
+    lr_divisor: Annotated[float, Range(1, low_open=True)] = 10.0  # §5: "divide the learning rate by 10"
+    max_reductions: NonNegativeInt = 3  # §5: "reduced three times prior to termination"
+    patience: Positive = (
+        3  # epochs without a better validation error before dividing (paper: "stopped improving")
+    )
+    min_improvement: NonNegative = 0.0  # a validation error (percent) must beat the best by more than this
 
 
 class PaperSGD(torch.optim.Optimizer):

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from replicate import devices
-from replicate.config import ConfigError, apply_overrides, from_dict
+from replicate.checkpoints import WEIGHT_KEYS, CheckpointError, load_weights, read_checkpoint
+from replicate.config import ConfigError, apply_overrides, differing_keys, from_dict, to_dict
 from replicate.data.loader import EpochBatches, StoreDataset, make_loader, prepare
 from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate, write_evaluation
 from replicate.experiment import ExperimentConfig, resolve_file
 from replicate.model import AlexNet
 from replicate.speed import autocast, build_network, compiled, memory_format
+from replicate.train import run_training
 
 
 def run_config(run_dir: Path, overrides: list[str] = ()) -> ExperimentConfig:
@@ -28,18 +31,57 @@ def run_config(run_dir: Path, overrides: list[str] = ()) -> ExperimentConfig:
         raise ConfigError(f"{path}: {error}") from None
 
 
-def load_weights(
+def run_state(run_dir: Path) -> str | None:
+    """status.json's state (running, interrupted, failed, finished), or None if there is none."""
+    status = Path(run_dir) / "status.json"
+    return json.loads(status.read_text())["state"] if status.is_file() else None
+
+
+def require_same_config(run_dir: Path, config: ExperimentConfig) -> None:
+    """A ConfigError naming each key where `config` differs from the one `run_dir` was trained with:
+    resuming or reusing a run under other settings would record them as if they had run."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        return
+    saved, wanted = to_dict(run_config(run_dir)), to_dict(config)
+    keys = differing_keys(saved, wanted)
+    if keys:
+
+        def value(data: dict, key: str):
+            for part in key.split("."):
+                data = data.get(part) if isinstance(data, dict) else None
+            return data
+
+        changes = "; ".join(f"{k}: {value(saved, k)!r} there, {value(wanted, k)!r} now" for k in keys)
+        raise ConfigError(
+            f"{run_dir} was trained with other settings ({changes}). Run it again with its own settings "
+            "(those of its config.yaml), or delete it or choose another train.runs_dir to train anew"
+        )
+
+
+def train_or_resume(config: ExperimentConfig, run_dir: Path) -> str:
+    """Train `config` into `run_dir`, resume it there if it has a checkpoint, or leave it if finished;
+    returns which (trained, resumed, finished). A run of other settings is an error, not continued."""
+    require_same_config(run_dir, config)
+    if run_state(run_dir) == "finished":
+        return "finished"
+    resume = (Path(run_dir) / "checkpoints" / "last.pt").is_file()
+    print(f"{'resume' if resume else 'train'}: {run_dir}")
+    run_training(config, run_dir, resume=resume)
+    return "resumed" if resume else "trained"
+
+
+def trained_network(
     run_dir: Path, config: ExperimentConfig, device: torch.device, weights: str = "last"
 ) -> tuple[AlexNet, dict]:
     """The run's network built as its config says (`speed.build_network`) on `device`, holding the
     weights of checkpoints/<weights>.pt, and where training was when they were saved."""
     path = Path(run_dir) / "checkpoints" / f"{weights}.pt"
     if not path.is_file():
-        raise ConfigError(f"{path}: no such checkpoint (is the run finished? weights: last or best)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{path}: no such checkpoint (is the run finished? weights: last or best)")
+    state = read_checkpoint(path, WEIGHT_KEYS)
     model = build_network(config.model, config.speed, [device])
-    model.load_state_dict(state["model"])
-    return model.eval(), state["position"]
+    load_weights(model, state, path)
+    return model.eval(), state.get("position", {})
 
 
 def evaluate_runs(
@@ -58,7 +100,7 @@ def evaluate_runs(
     if any(c.model.num_classes != first.model.num_classes for c in configs):
         raise ConfigError("the runs of an ensemble must have the same number of classes")
     device = devices.resolve(first.train.device, "train.device")
-    loaded = [load_weights(d, c, device, weights) for d, c in zip(run_dirs, configs, strict=True)]
+    loaded = [trained_network(d, c, device, weights) for d, c in zip(run_dirs, configs, strict=True)]
     networks = [compiled(model, config.speed) for (model, _), config in zip(loaded, configs, strict=True)]
     prepared = prepare(first.data)
     augment = Augment(first.data.augment, prepared.stats)
@@ -83,4 +125,6 @@ def evaluate_runs(
     )
     out.mkdir(parents=True, exist_ok=True)
     runs = [{"dir": str(d), **position} for d, (_, position) in zip(run_dirs, loaded, strict=True)]
-    return write_evaluation(out, results, first.data, runs, weights, device, first.speed.precision)
+    return write_evaluation(
+        out, results, first.data, prepared.source, runs, weights, device, first.speed.precision
+    )

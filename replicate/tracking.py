@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from replicate.config import Section
+from replicate.config import ConfigError, Section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,19 +31,31 @@ class TrackingConfig(Section):
     group: str | None = None  # W&B group (an ablation sweep sets it)
     variant: str = "baseline"  # which design choice the run tests (a W&B tag)
     tags: list[str] = field(default_factory=list)  # more W&B tags
+    log_checkpoint: bool = False  # also upload checkpoints/last.pt at the end, as a W&B model artifact
 
 
-def wandb_mode(config: TrackingConfig) -> str:
-    """`auto`: WANDB_MODE if set; online if an API key is configured (env or ~/.netrc); else off."""
-    if config.wandb != "auto":
-        return config.wandb
-    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
-        return {"disabled": "off"}.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"])
+def api_key_configured() -> bool:
+    """Whether W&B can log in: WANDB_API_KEY, or the key `wandb login` writes to ~/.netrc."""
     netrc = Path.home() / ".netrc"
-    configured = bool(os.environ.get("WANDB_API_KEY")) or (
-        netrc.is_file() and "api.wandb.ai" in netrc.read_text()
-    )
-    return "online" if configured else "off"
+    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+
+
+def wandb_choice(config: TrackingConfig) -> tuple[str, str]:
+    """(mode, why): `auto` takes WANDB_MODE if set, else online if an API key is configured, else off.
+    `online` without an API key is a ConfigError saying how to log in, raised before any work."""
+    if config.wandb == "online" and not api_key_configured():
+        raise ConfigError(
+            "tracking.wandb=online needs a W&B API key: run `wandb login` (or set WANDB_API_KEY), "
+            "or use tracking.wandb=offline (synced later with `wandb sync`) or tracking.wandb=off"
+        )
+    if config.wandb != "auto":
+        return config.wandb, f"tracking.wandb={config.wandb}"
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        mode = {"disabled": "off"}.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"])
+        return mode, f"tracking.wandb=auto: WANDB_MODE={os.environ['WANDB_MODE']}"
+    if api_key_configured():
+        return "online", "tracking.wandb=auto: a W&B API key is configured"
+    return "off", "tracking.wandb=auto: no W&B API key (`wandb login`, or tracking.wandb=offline)"
 
 
 def git_commit() -> str:
@@ -117,7 +129,7 @@ class Tracker:
     ) -> None:
         self.run_dir = run_dir
         self.steps, self.epochs = CsvLog(run_dir / "steps.csv"), CsvLog(run_dir / "epochs.csv")
-        self.mode = wandb_mode(config)
+        self.mode = wandb_choice(config)[0]
         self.wandb_run = None
         if self.mode != "off":
             import wandb
@@ -149,10 +161,33 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log({f"epoch/{k}": v for k, v in row.items()}, step=step)
 
-    def summary(self, values: dict[str, Any]) -> None:
-        if self.wandb_run is not None:
-            for key, value in values.items():
-                self.wandb_run.summary[key] = value
+    def final_evaluation(self, record: dict[str, Any]) -> None:
+        """evaluation.json mirrored to W&B: a table of the protocols' errors, and the same as summary
+        scalars (`centre/top1_error`, ...) for the runs table."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        columns = ["views", "top1_error", "top5_error", "loss", "images", "data", "precision"]
+        table = wandb.Table(columns=columns)
+        data = f"{record['dataset']} {record['split']} ({record['source']['label']})"
+        for views, result in record["views"].items():
+            row = [result[key] for key in ("top1_error", "top5_error", "loss", "images")]
+            table.add_data(views, *row, data, record["precision"])
+            for key, value in result.items():
+                self.wandb_run.summary[f"{views}/{key}"] = value
+        self.wandb_run.summary["data_source"] = record["source"]["label"]  # analysis.records reads it
+        self.wandb_run.log({"final_evaluation": table})
+
+    def log_checkpoint(self, path: Path, name: str) -> None:
+        """`path` as a W&B model artifact of this run (`tracking.log_checkpoint`)."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name, type="model", metadata={"file": path.name})
+        artifact.add_file(str(path))
+        self.wandb_run.log_artifact(artifact)
 
     def finish(self, failed: bool = False) -> None:
         if self.wandb_run is not None:

@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from replicate import devices
-from replicate.config import ConfigError, Section, to_dict
+from replicate.checkpoints import CheckpointError, load_weights, read_checkpoint, resumable, save_atomic
+from replicate.config import ConfigError, NonNegativeInt, Positive, Section, to_dict
 from replicate.data.loader import (
     EpochBatches,
     Prepared,
@@ -38,23 +39,24 @@ from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate, topk_correct, write_evaluation
 from replicate.optim import PaperSGD, PlateauSchedule, paper_optimizer
 from replicate.speed import autocast, begin_step, build_network, compiled, memory_format
-from replicate.tracking import Tracker, environment, write_json
+from replicate.tracking import Tracker, environment, wandb_choice, write_json
 
 
 @dataclass
 class TrainConfig(Section):
-    epochs: int = 90  # §5: "roughly 90 cycles through the training set"
-    seed: int = 0  # data order, augmentation, initialisation, dropout
+    epochs: Positive = 90  # §5: "roughly 90 cycles through the training set"
+    seed: NonNegativeInt = 0  # data order, augmentation, initialisation, dropout
     device: str = "auto"  # auto: cuda if available, else cpu
     model_parallel: bool = False  # the two columns on two GPUs per process (§3.2)
     deterministic: bool = False  # deterministic algorithms (exact resume on CPU)
-    checkpoint_every: int = 200  # steps between checkpoints (also at every epoch end)
-    log_every: int = 10  # steps between rows of steps.csv
+    checkpoint_every: Positive = 200  # steps between checkpoints (also at every epoch end)
+    log_every: Positive = 10  # steps between rows of steps.csv
     eval_views: Literal["centre", "ten_crop"] = "centre"  # per-epoch validation, which drives the schedule
     final_views: list[str] = field(default_factory=lambda: ["centre", "ten_crop"])  # evaluation.json
-    eval_batch_size: int = 32  # images per evaluation batch (x10 views under ten_crop)
+    eval_batch_size: Positive = 32  # images per evaluation batch (x10 views under ten_crop)
     runs_dir: str = "runs"  # run directories go to <runs_dir>/<name>/seed<seed>
-    max_steps: int = 0  # >0: stop after this many steps (smoke runs, tests)
+    keep_best: bool = True  # also keep checkpoints/best.pt, the weights of the best validation error
+    max_steps: NonNegativeInt = 0  # >0: stop after this many steps (smoke runs, tests)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,8 +68,6 @@ class TrainConfig(Section):
         unknown = [v for v in self.final_views if v not in ("centre", "ten_crop")]
         if unknown:  # found now, not after hours of training
             raise ConfigError(f"final_views: {unknown[0]!r} is not one of ['centre', 'ten_crop']")
-        if self.epochs < 1 or self.checkpoint_every < 1 or self.log_every < 1 or self.eval_batch_size < 1:
-            raise ConfigError("epochs, checkpoint_every, log_every and eval_batch_size must be >= 1")
 
 
 class TrainingError(RuntimeError):
@@ -106,13 +106,6 @@ def choose_devices(config: TrainConfig, local_rank: int) -> list[torch.device]:
             )
         return [torch.device("cuda", 2 * local_rank), torch.device("cuda", 2 * local_rank + 1)]
     return [devices.resolve(config.device, "train.device", local_rank)]
-
-
-def save_atomic(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    partial.replace(path)
 
 
 class StopRequested:
@@ -154,8 +147,9 @@ class Trainer:
         self.optimizer: PaperSGD = paper_optimizer(self.model, config.optim)
         self.schedule = PlateauSchedule(self.optimizer, config.optim)
         self.position, self.best_error = Position(), math.inf
+        self.checkpoint_step = 0  # the step of checkpoints/last.pt
         if resume:
-            self._load(run_dir / "checkpoints" / "last.pt")
+            self._load(run_dir / "checkpoints")
         # build_network set the layout already: DDP's gradient buckets take the parameters' strides.
         network = self.model
         if self.world > 1:
@@ -187,14 +181,27 @@ class Trainer:
             dist.barrier()
         return prepared if self.rank == 0 else prepare(self.config.data)
 
-    def _load(self, path: Path) -> None:
-        if not path.is_file():
-            raise TrainingError(f"{path}: no checkpoint to resume from")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
+    def _load(self, folder: Path) -> None:
+        """Continue from folder/last.pt; if it cannot be read, from the newest checkpoint there that
+        can, saying so."""
+        last = folder / "last.pt"
+        try:
+            path, state = last, read_checkpoint(last)
+        except CheckpointError as error:
+            others = resumable(folder)
+            if not others:
+                raise CheckpointError(
+                    f"{error}; no other checkpoint in {folder} can resume the run (best.pt holds weights "
+                    "only): train it again, or evaluate best.pt"
+                ) from None
+            step, path = others[0]
+            print(f"{error}; resuming from {path} (step {step}) instead")
+            state = read_checkpoint(path)
+        load_weights(self.model, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.position = Position(**state["position"])
+        self.checkpoint_step = self.position.step
         self.best_error = state["best_error"]
         torch.set_rng_state(state["rng"]["cpu"])
         if torch.cuda.is_available() and state["rng"]["cuda"]:
@@ -213,9 +220,17 @@ class Trainer:
             },
         }
 
-    def checkpoint(self, name: str = "last") -> None:
+    def checkpoint(self) -> None:
+        """checkpoints/last.pt: everything a resume needs."""
         if self.rank == 0:
-            save_atomic(self._state(), self.run_dir / "checkpoints" / f"{name}.pt")
+            save_atomic(self._state(), self.run_dir / "checkpoints" / "last.pt")
+        self.checkpoint_step = self.position.step
+
+    def save_best(self) -> None:
+        """checkpoints/best.pt: the weights of the best validation error so far (and where they were)."""
+        if self.rank == 0:
+            best = {"model": self.model.state_dict(), "position": vars(self.position).copy()}
+            save_atomic({**best, "best_error": self.best_error}, self.run_dir / "checkpoints" / "best.pt")
 
     def evaluate(self, views: str, progress: bool = True) -> dict[str, float]:
         store = self.prepared.eval
@@ -258,55 +273,63 @@ class Trainer:
     def _epoch(self, tracker: Tracker | None, stop: StopRequested) -> None:
         train, position = self.config.train, self.position
         self.network.train()
-        bar = tqdm(
+        with tqdm(
             total=len(self.sampler) + position.batch,
             initial=position.batch,
             unit="batch",
             desc=f"epoch {position.epoch + 1}/{train.epochs}",
             disable=self.rank != 0,
             leave=False,
-        )
-        start, seen = time.perf_counter(), 0
-        for batch in self.loader:
-            views = batch.views(self.augment, self.devices[0], self.memory_format)
-            labels = batch.labels.to(self.devices[0])
-            begin_step(self.speed.compile_mode)
-            with autocast(self.devices[0], self.speed.precision):
-                logits = self.network(views)
-            labels = labels.to(logits.device)
-            loss = F.cross_entropy(logits.float(), labels)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss.item()} at step {position.step + 1} (epoch {position.epoch + 1}, "
-                    f"batch {position.batch + 1}); stopped. The last good checkpoint is "
-                    f"{self.run_dir / 'checkpoints' / 'last.pt'} (try a lower optim.lr)"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            position.step, position.batch = position.step + 1, position.batch + 1
-            seen += len(labels) * self.world
-            bar.update()
-            if position.step % train.log_every == 0 and tracker is not None:
-                errors = topk_correct(logits.detach().softmax(-1), labels, (1,))
-                rate = seen / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
-                tracker.log_step(
-                    {
-                        "step": position.step,
-                        "epoch": position.epoch,
-                        "batch": position.batch,
-                        "loss": loss.item(),
-                        "top1_error": 100 * (1 - errors[1] / len(labels)),
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "images_per_s": rate,
-                    }
-                )
-            if position.step % train.checkpoint_every == 0:
-                self.checkpoint()
-            if stop.requested or (train.max_steps and position.step >= train.max_steps):
-                break
-        bar.close()
+        ) as bar:  # closed (its line cleared) however the loop ends
+            start, seen = time.perf_counter(), 0
+            for batch in self.loader:
+                views = batch.views(self.augment, self.devices[0], self.memory_format)
+                labels = batch.labels.to(self.devices[0])
+                begin_step(self.speed.compile_mode)
+                with autocast(self.devices[0], self.speed.precision):
+                    logits = self.network(views)
+                labels = labels.to(logits.device)
+                loss = F.cross_entropy(logits.float(), labels)
+                if not torch.isfinite(loss):
+                    raise TrainingError(self._non_finite(loss.item()))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                position.step, position.batch = position.step + 1, position.batch + 1
+                seen += len(labels) * self.world
+                bar.update()
+                if position.step % train.log_every == 0 and tracker is not None:
+                    errors = topk_correct(logits.detach().softmax(-1), labels, (1,))
+                    rate = seen / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+                    tracker.log_step(
+                        {
+                            "step": position.step,
+                            "epoch": position.epoch,
+                            "batch": position.batch,
+                            "loss": loss.item(),
+                            "top1_error": 100 * (1 - errors[1] / len(labels)),
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                            "images_per_s": rate,
+                        }
+                    )
+                if position.step % train.checkpoint_every == 0:
+                    self.checkpoint()
+                if stop.requested or (train.max_steps and position.step >= train.max_steps):
+                    break
+
+    def _non_finite(self, loss: float) -> str:
+        """Why the run stops at a non-finite loss, and what is left to resume from."""
+        position, last = self.position, self.run_dir / "checkpoints" / "last.pt"
+        where = f"at step {position.step + 1} (epoch {position.epoch + 1}, batch {position.batch + 1})"
+        if last.is_file():
+            kept = f"The last good checkpoint is {last}, of step {self.checkpoint_step}"
+        else:
+            kept = (
+                f"No checkpoint was written before it (the first comes at step "
+                f"{self.config.train.checkpoint_every} or at the end of epoch 1)"
+            )
+        return f"the loss became {loss} {where}; stopped. {kept}. Try a lower optim.lr"
 
     def _end_epoch(self, tracker: Tracker | None) -> None:
         position = self.position
@@ -337,8 +360,8 @@ class Trainer:
                     f"{position.epoch} epochs: check the input scale (0-255 minus the mean image, §2)"
                 )
         self.checkpoint()
-        if improved:
-            self.checkpoint("best")
+        if improved and self.config.train.keep_best:
+            self.save_best()
 
 
 def write_status(run_dir: Path, state: str, message: str = "") -> None:
@@ -357,9 +380,11 @@ def run_training(config, run_dir: Path | None = None, resume: bool = False) -> P
             f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose "
             "another name, seed or train.runs_dir"
         )
+    mode, why = wandb_choice(config.tracking)  # online without a key: an error before any work
     trainer = Trainer(config, run_dir, resume)
     tracker = None
     if trainer.rank == 0:
+        print(f"W&B: {mode} ({why})")
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -391,16 +416,19 @@ def run_training(config, run_dir: Path | None = None, resume: bool = False) -> P
             tracker.finish(failed=True)
         raise
     if trainer.rank == 0:
-        write_evaluation(
+        record = write_evaluation(
             run_dir,
             results,
             config.data,
+            trainer.prepared.source,
             [{"dir": str(run_dir), **vars(trainer.position)}],
             "last",
             trainer.devices[0],
             config.speed.precision,
         )
-        tracker.summary({f"{views}/{k}": v for views, r in results.items() for k, v in r.items()})
+        tracker.final_evaluation(record)
+        if config.tracking.log_checkpoint:
+            tracker.log_checkpoint(run_dir / "checkpoints" / "last.pt", f"{config.name}-seed{config.train.seed}")
         tracker.finish()
         write_status(run_dir, "finished")
     return run_dir

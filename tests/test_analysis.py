@@ -4,6 +4,7 @@ end to end on tiny real runs made here."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,19 +26,40 @@ ROOT = Path(__file__).resolve().parents[1]
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student's t quantiles, df = n - 1
 
 
-def write_run(root: Path, sweep: str, name: str, seed: int, errors: dict, dataset="ilsvrc2012", claim=""):
+SOURCES = {
+    "ilsvrc2012": "ILSVRC-2012",
+    "ilsvrc2010": "ILSVRC-2010",
+    "imagenette": "bundled Imagenette, 224 px",
+}
+
+
+def write_run(
+    root: Path,
+    sweep: str,
+    name: str,
+    seed: int,
+    errors: dict,
+    dataset="ilsvrc2012",
+    claim="",
+    max_steps=0,
+    source=None,
+    state="finished",
+):
     run = root / sweep / name / f"seed{seed}"
     run.mkdir(parents=True)
     config = {
         "name": name,
-        "train": {"seed": seed},
+        "train": {"seed": seed, "max_steps": max_steps, "runs_dir": str(root / sweep)},
         "data": {"dataset": dataset},
         "ablation": {"claim": claim, "kind": "train"},
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     views = {v: {"images": 50000, "top1_error": e[0], "top5_error": e[1]} for v, e in errors.items()}
     split = "test" if dataset == "ilsvrc2010" else "val"
-    (run / "evaluation.json").write_text(json.dumps({"dataset": dataset, "split": split, "views": views}))
+    source = {"label": source or SOURCES[dataset]}
+    record = {"dataset": dataset, "split": split, "source": source, "views": views}
+    (run / "evaluation.json").write_text(json.dumps(record))
+    (run / "status.json").write_text(json.dumps({"state": state}))
     return run
 
 
@@ -69,7 +91,15 @@ def records(tmp_path):
     ]
     views = {"ten_crop": {"images": 50000, "top1_error": 38.0, "top5_error": 16.0}}
     (ensemble / "evaluation.json").write_text(
-        json.dumps({"dataset": "ilsvrc2012", "split": "val", "runs": members, "views": views})
+        json.dumps(
+            {
+                "dataset": "ilsvrc2012",
+                "split": "val",
+                "source": {"label": "ILSVRC-2012"},
+                "runs": members,
+                "views": views,
+            }
+        )
     )
     write_run(
         tmp_path, "replicate-bundled", "replicate-bundled", 0, {"centre": (82.0, 33.0)}, dataset="imagenette"
@@ -79,7 +109,7 @@ def records(tmp_path):
 
 def test_table2_rows_carry_paper_measured_difference_and_protocol(records):
     table = paper_table(load_records(records), 2)
-    one_cnn = table[(table["model"] == "1 CNN") & (table["data"] == "ilsvrc2012 val")]
+    one_cnn = table[(table["model"] == "1 CNN") & (table["data"] == "ilsvrc2012 val (ILSVRC-2012)")]
     ten = one_cnn[one_cnn["protocol"] == "10 crops"].iloc[0]
     assert ten["paper top-1 %"] == "40.7" and ten["n"] == 3
     assert ten["measured top-1 %"] == f"41.00 ± {T_975[2] / math.sqrt(3):.2f}"  # mean 41, sd 1
@@ -89,7 +119,9 @@ def test_table2_rows_carry_paper_measured_difference_and_protocol(records):
     assert five["measured top-1 %"] == "38.00 (n=1, no CI)" and five["Δ top-1"] == "-0.10"
     assert (table[table["model"] == "7 CNNs*"]["measured top-1 %"] == "not run").all()
     bundled = table[table["data"].str.contains("bundled")]
-    assert len(bundled) == 1 and "NOT comparable" in bundled.iloc[0]["data"]
+    assert len(bundled) == 1 and bundled.iloc[0]["data"] == (
+        "imagenette val (bundled Imagenette, 224 px: NOT comparable with the paper)"
+    )
     assert bundled.iloc[0]["Δ top-1"] == "n/a" and bundled.iloc[0]["protocol"] == "centre crop"
     table1 = paper_table(load_records(records), 1)
     assert (table1["measured top-1 %"] == "not run").all()  # no ILSVRC-2010 runs
@@ -247,3 +279,37 @@ def test_tables_show_paper_2012_log_and_measured_with_protocols(records):
     assert ablations.loc["tanh units instead of ReLUs", "2012 log Δ top-1"] == "not recorded"
     no_comm = [c for c in ablations.index if c.startswith("no column communication")]
     assert ablations.loc[no_comm[0], "2012 log Δ top-1"] == "+1.17"
+
+
+def test_a_row_pools_only_finished_runs_of_one_experiment_with_distinct_seeds(tmp_path):
+    """Seeds of one config are pooled; a run of another config (a 2-step smoke run of the same name),
+    another data source, or an unfinished run never is, and one seed measured twice is refused."""
+    for seed, top1 in enumerate([40.0, 41.0, 42.0]):
+        write_run(tmp_path / "a", "sweep", "baseline", seed, {"ten_crop": (top1, 18.0)})
+    write_run(tmp_path / "a", "smoke", "baseline", 0, {"ten_crop": (90.0, 50.0)}, max_steps=2)
+    write_run(tmp_path / "a", "sweep", "baseline", 3, {"ten_crop": (99.0, 99.0)}, state="running")
+    table = paper_table(load_records(tmp_path / "a"), 2)
+    rows = table[(table["model"] == "1 CNN") & (table["protocol"] == "10 crops")].set_index("n")
+    assert sorted(rows.index) == [1, 3]  # the three seeds of the sweep; the smoke run on its own
+    assert rows.loc[3, "measured top-1 %"].startswith("41.00 ± ")  # not the running seed 3's 99
+    assert rows.loc[1, "measured top-1 %"] == "90.00 (n=1, no CI)"
+    assert rows.loc[3, "experiment"] != rows.loc[1, "experiment"]
+    assert rows.loc[3, "experiment"].startswith("baseline (config ")
+    # the same config and seed in two run folders (a copy, a rerun elsewhere): refused, with both named
+    write_run(tmp_path / "b", "sweep", "baseline", 0, {"ten_crop": (40.0, 18.0)})
+    write_run(tmp_path / "b", "sweep", "baseline", 1, {"ten_crop": (41.0, 18.0)})
+    shutil.copytree(
+        tmp_path / "b" / "sweep" / "baseline" / "seed0", tmp_path / "b" / "rerun" / "baseline" / "seed0"
+    )
+    records = load_records(tmp_path / "b")
+    row = paper_table(records, 2).query("model == '1 CNN' and protocol == '10 crops'").iloc[0]
+    assert row["measured top-1 %"].startswith("refused: seed 0 measured by 2 runs") and row["n"] == 0
+    # the bundled copy and the downloaded Imagenette: rows of their own, each saying which
+    write_run(tmp_path / "c", "r", "replicate-bundled", 0, {"centre": (80.0, 30.0)}, dataset="imagenette")
+    write_run(
+        tmp_path / "c", "s", "replicate-bundled", 0, {"centre": (70.0, 25.0)}, dataset="imagenette",
+        source="official Imagenette, 320 px",
+    )  # fmt: skip
+    data = set(paper_table(load_records(tmp_path / "c"), 2)["data"])
+    assert "imagenette val (official Imagenette, 320 px: NOT comparable with the paper)" in data
+    assert "imagenette val (bundled Imagenette, 224 px: NOT comparable with the paper)" in data

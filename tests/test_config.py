@@ -1,9 +1,10 @@
 from pathlib import Path
+from typing import Annotated, get_args, get_origin, get_type_hints
 
 import pytest
 import torch
 
-from replicate.config import ConfigError, parse_override
+from replicate.config import ConfigError, Range, Section, parse_override
 from replicate.experiment import ExperimentConfig, load_experiment
 from replicate.model import AlexNet, ModelConfig
 from replicate.train import TrainConfig, choose_devices
@@ -32,12 +33,20 @@ def test_overrides_are_typed_and_nested():
         (["modle.lrn=off"], "unknown config key 'modle'"),
         (["model.lrn=of"], r"model.lrn = 'of' is not one of \['paper', 'code2012', 'off'\]"),
         (["model.num_classes=ten"], "model.num_classes: expected int, got 'ten'"),
-        (["model.dropout_p=2"], "model.dropout_p must be in"),
+        (["model.dropout_p=2"], r"model.dropout_p = 2.0 must be in \[0, 1\)"),
+        (["optim.momentum=1.5"], r"optim.momentum = 1.5 must be in \[0, 1\)"),
+        (["optim.weight_decay=-1"], "optim.weight_decay = -1.0 must be >= 0"),
+        (["optim.lr=0"], "optim.lr = 0.0 must be > 0"),
+        (["data.batch_size=0"], "data.batch_size = 0 must be >= 1"),
+        (["data.workers=-1"], "data.workers = -1 must be >= 0"),
+        (["data.augment.crop_size=300"], "crop_size = 300 is larger than image_side = 256"),
+        (["train.epochs=0"], "train.epochs = 0 must be >= 1"),
+        (["model.input_size=227"], "data.augment.crop_size = 224 but model.input_size = 227"),
         (["model.lrn"], "not of the form key=value"),
         (["model=3"], "model: expected a mapping"),
         (["train.final_views=[centre, tencrop]"], "final_views: 'tencrop' is not one of"),
         (["data.augment.colour_noise=pca"], "data.augment.colour_noise = 'pca' is not one of"),
-        (["optim.patience=0"], "optim.patience >= 1|patience >= 1"),
+        (["optim.patience=0"], "optim.patience = 0 must be >= 1"),
         (["train.device=gpu"], "train.device: 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
         (
             ["train.model_parallel=true", "train.device=cpu"],
@@ -97,3 +106,26 @@ def test_train_device_cuda_gives_each_torchrun_process_its_own_gpu(monkeypatch):
         choose_devices(TrainConfig(device="cuda"), local_rank=2)
     with pytest.raises(ConfigError, match="train.device=cuda:2: only 2 CUDA device"):
         choose_devices(TrainConfig(device="cuda:2"), local_rank=0)
+
+
+def test_every_numeric_config_field_declares_its_range():
+    """A number in a config means something only within a range: each int or float field says which
+    (`config.Range`), so that `optim.momentum=1.5` is an error naming the key, not a diverging run."""
+    import replicate.cifar.figure1
+    import replicate.cifar.lrn  # noqa: F401  (their sections)
+
+    def sections(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from sections(sub)
+
+    missing = []
+    for section in sections(Section):
+        for name, hint in get_type_hints(section, include_extras=True).items():
+            numeric = (
+                get_origin(hint) is Annotated and get_args(hint)[0] in (int, float) or hint in (int, float)
+            )
+            if numeric and not any(isinstance(m, Range) for m in getattr(hint, "__metadata__", ())):
+                missing.append(f"{section.__name__}.{name}")
+    assert not missing, missing
+    assert len(list(sections(Section))) >= 10

@@ -57,6 +57,7 @@ def test_safe_extract_refuses_members_outside_the_folder(tmp_path):
     linked = make_tar(tmp_path / "link.tar", {"a.txt": b"a"}, symlink="/etc/passwd")
     with pytest.raises(DataError, match="refusing unsafe member 'link'"):
         safe_extract(linked, tmp_path / "out")
+    assert not (tmp_path / "out.extracting").exists()  # a refused archive leaves nothing behind
 
 
 def test_safe_extract_is_complete_or_absent(tmp_path):
@@ -155,3 +156,24 @@ def test_with_no_copy_reachable_the_error_names_every_place_looked_and_how_to_po
         "ALEXNET_DATA=/that/folder",
     ):
         assert place in message, message
+
+
+def test_downloads_and_their_checksums_are_torchvisions(tmp_path, monkeypatch):
+    """The official archives, their md5 and the downloader are torchvision's own (datasets.Imagenette,
+    datasets.CIFAR10, datasets.utils.download_url); only the safe extraction is this project's."""
+    from torchvision import datasets
+
+    assert sources.OFFICIAL["imagenette"] == Download(*datasets.Imagenette._ARCHIVES["320px"])
+    assert sources.OFFICIAL["cifar10"] == Download(datasets.CIFAR10.url, datasets.CIFAR10.tgz_md5)
+    fetched = []
+
+    def download_url(url, root, filename, md5):
+        fetched.append(url)
+        (Path(root) / filename).write_bytes(b"archive")
+
+    monkeypatch.setattr(sources, "download_url", download_url)
+    md5 = hashlib.md5(b"archive").hexdigest()
+    path = sources.download(Download("http://example.invalid/a.tgz", md5), tmp_path / "a.tgz")
+    assert fetched == ["http://example.invalid/a.tgz"] and path.read_bytes() == b"archive"
+    sources.download(Download("http://example.invalid/a.tgz", md5), tmp_path / "a.tgz")
+    assert len(fetched) == 1  # a verified copy is not fetched again

@@ -76,6 +76,18 @@ def test_shapes_after_every_stage(images):
     assert outputs["fc8"].shape == (2, 1000)
 
 
+@pytest.mark.parametrize("side", [200, 227])
+def test_an_input_of_another_size_is_an_error_naming_the_expected_one(side):
+    """conv1's padding and FC6's width are computed for model.input_size: 227 x 227 would be taken
+    silently and 200 x 200 fail deep in FC6 if the input were not checked on entry."""
+    with pytest.raises(
+        ValueError, match=rf"takes N x 3 x 224 x 224 crops \(model.input_size=224\); got 1 x 3 x {side}"
+    ):
+        AlexNet(10)(torch.zeros(1, 3, side, side))
+    with pytest.raises(ValueError, match="takes N x 3 x 227 x 227 crops"):
+        AlexNet(10, input_size=227).fc7_features(torch.zeros(1, 3, 224, 224))
+
+
 def test_conv1_covers_what_the_2012_code_covered(images):
     # 224 input -> 55 outputs: the last window starts at 54*4 = 216 and its last 3 rows and columns
     # lie past the image (C: 1 + ceil((224 - 11) / 4) = 55). A 227 input needs no padding.

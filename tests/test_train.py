@@ -4,6 +4,7 @@ of the bundled Imagenette subset (2 images per class, batch 8)."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from replicate.checkpoints import WEIGHT_KEYS, read_checkpoint
 from replicate.data.sources import MIRROR_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +146,43 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     failing_step = int(err.split(" at step ")[1].split()[0])
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["position"]["step"] == failing_step - 1  # the failing step's update was never saved
+    assert f"checkpoints/last.pt, of step {failing_step - 1}" in status["message"]
+    # the message stands on its own line: the progress bar's line is cleared first, not continued
+    line = next(line for line in err.split("\n") if "training stopped:" in line)
+    assert line.split("\r")[-1].startswith("training stopped: the loss became"), repr(line)
+    # with no checkpoint yet, it says so instead of naming one that does not exist
+    code, _, err = train(tmp_path / "early", "optim.lr=1e12", "train.checkpoint_every=1000")
+    assert code == 1 and "No checkpoint was written before it (the first comes at step 1000" in err, err
+    assert not (tmp_path / "early" / "baseline" / "seed0" / "checkpoints" / "last.pt").exists()
+
+
+def test_resume_falls_back_from_an_unreadable_last_checkpoint_and_says_so(tmp_path):
+    code, _, err = train(tmp_path, "train.max_steps=2")
+    assert code == 0, err
+    run_dir = tmp_path / "baseline" / "seed0"
+    checkpoints = run_dir / "checkpoints"
+    assert set(read_checkpoint(checkpoints / "best.pt", WEIGHT_KEYS)) == {"model", "position", "best_error"}
+    shutil.copy(checkpoints / "last.pt", checkpoints / "step2.pt")
+    (checkpoints / "last.pt").write_bytes(b"broken")
+    resume = [sys.executable, "-m", "replicate", "train", "--resume", str(run_dir)]
+    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"{checkpoints / 'last.pt'}: not a readable checkpoint" in done.stdout
+    assert f"resuming from {checkpoints / 'step2.pt'} (step 2) instead" in done.stdout
+    # with nothing to fall back to (best.pt holds weights only): an error naming the file
+    (checkpoints / "last.pt").write_bytes(b"broken")
+    (checkpoints / "step2.pt").unlink()
+    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"checkpoint error: {checkpoints / 'last.pt'}: not a readable checkpoint" in done.stderr
+    assert "no other checkpoint" in done.stderr
+
+
+def test_keep_best_false_keeps_only_the_last_checkpoint(tmp_path):
+    code, _, err = train(tmp_path, "train.epochs=1", "train.keep_best=false")
+    assert code == 0, err
+    kept = sorted(p.name for p in (tmp_path / "baseline" / "seed0" / "checkpoints").iterdir())
+    assert kept == ["last.pt"]
 
 
 def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):

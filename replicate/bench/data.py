@@ -205,7 +205,7 @@ def run(workers: int, repeats: int, epochs: int, limit: int, batch_size: int, st
         "ratios": ratios,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "steady": steady,
-        "processor": bench_records.processor(),
+        **bench_records.origin(),
     }
 
 

@@ -166,7 +166,7 @@ def run(
             {name: models[name][0] for name in (TORCHVISION, PER_COLUMN)}, images, repeats, options.precision
         ),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "processor": bench_records.processor(),
+        **bench_records.origin(),
         "batch": batch,
         "options": str(options),
         "torch": f"{torch.__version__}; threads {torch.get_num_threads()}",

@@ -35,10 +35,16 @@ def processor() -> str:
     return f"{name}; {os.cpu_count()} logical cores; {torch.backends.cpu.get_cpu_capability()}"
 
 
+def origin() -> dict[str, str]:
+    """What a record says of where it was made: the processor and the code's commit."""
+    return {"processor": processor(), "commit": git_commit()}
+
+
 def origin_line(record: dict) -> str:
     """The report's line naming where the record was made: the processor and the code's commit
     (the H100 records name neither: they were made at commit 73e1977)."""
-    return f"processor: {record.get('processor', 'not recorded')}; commit: {record.get('commit', 'not recorded')}"
+    processor, commit = record.get("processor", "not recorded"), record.get("commit", "not recorded")
+    return f"processor: {processor}; commit: {commit}"
 
 
 class RecordError(ValueError):
@@ -71,9 +77,7 @@ def check_json_option(parser: argparse.ArgumentParser, path: Path | None) -> Non
 
 
 def write(path: Path, record: dict) -> None:
-    """`record` with the code's commit, via a .partial file: an interrupted write leaves the old
-    record whole."""
-    write_json(path, {**record, "commit": git_commit()})
+    write_json(path, record)  # via a .partial file: an interrupted write leaves the old record whole
 
 
 def read(path: Path, command: str, needs: tuple[str, ...]) -> dict:

@@ -128,8 +128,8 @@ def run(batch: int, repeats: int, compiled: bool = True) -> dict:
     """Per layer and tile size, forward alone and forward + backward: milliseconds of the direct
     convolution, the Winograd one and its batched products alone, alternating; then each one's
     largest errors against the convolution in float64, relative to the largest value. The errors
-    come after all the timing: made first, the float64 copies left the heap in a state in which the
-    direct convolutions ran far slower than in a fresh process, and the comparison was unfair."""
+    come after all the timing: made first, the float64 copies leave the heap in a state in which the
+    direct convolutions run far slower than in a fresh process."""
     layers = stride_one_layers(batch)
     results: dict[str, dict] = {}
     convs: dict[str, dict[str, WinogradConv]] = {}
@@ -157,7 +157,7 @@ def run(batch: int, repeats: int, compiled: bool = True) -> dict:
         "batch": batch,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "processor": bench_records.processor(),
+        **bench_records.origin(),
         "layers": results,
     }
 

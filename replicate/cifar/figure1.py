@@ -19,13 +19,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
 from replicate import devices
 from replicate.cifar.data import first_images, load_cifar10
 from replicate.cifar.net import CifarNet, CifarNetConfig, train_epoch
-from replicate.config import ConfigError, Section, to_dict
+from replicate.config import ConfigError, NonNegativeInt, Positive, Probability, Range, Section, to_dict
 from replicate.optim import PaperSGD
 from replicate.paper import load_claims
 from replicate.tracking import write_record
@@ -35,11 +36,11 @@ NOT_REACHED = "not reached"
 
 @dataclass
 class Figure1Config(Section):
-    train_images: int = 10_000  # the first N training images in batch order; 0: all 50,000
-    threshold: float = 25.0  # §3.1: training error (%) to reach
-    max_epochs: int = 60  # a run that has not reached the threshold by then is "not reached"
-    batch_size: int = 128
-    momentum: float = 0.9
+    train_images: NonNegativeInt = 10_000  # the first N training images in batch order; 0: all 50,000
+    threshold: Annotated[float, Range(0, 100)] = 25.0  # §3.1: training error (%) to reach
+    max_epochs: Positive = 60  # a run that has not reached the threshold by then is "not reached"
+    batch_size: Positive = 128
+    momentum: Probability = 0.9
     relu_lrs: list[float] = field(default_factory=lambda: [0.002, 0.001, 0.004])  # searched in order
     tanh_lrs: list[float] = field(default_factory=lambda: [0.002, 0.001, 0.004])
     seeds: list[int] = field(default_factory=lambda: [0])  # seed 0 searches; the rest rerun the kept rate
@@ -54,6 +55,8 @@ class Figure1Config(Section):
             raise ConfigError(
                 "figure1: seeds must start with 0 (the search seed) and each lr grid be non-empty"
             )
+        if min(self.relu_lrs + self.tanh_lrs) <= 0 or min(self.seeds) < 0:
+            raise ConfigError("figure1: every learning rate must be > 0 and every seed >= 0")
 
 
 def training_data(config: Figure1Config) -> tuple[torch.Tensor, torch.Tensor, str]:

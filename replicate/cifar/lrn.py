@@ -15,13 +15,23 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
 from replicate import devices
 from replicate.cifar.data import first_images, load_cifar10
 from replicate.cifar.net import CifarNet, CifarNetConfig, train_epoch
-from replicate.config import ConfigError, Section, to_dict
+from replicate.config import (
+    ConfigError,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    Probability,
+    Range,
+    Section,
+    to_dict,
+)
 from replicate.optim import PaperSGD
 from replicate.paper import load_claims
 from replicate.tracking import write_record
@@ -29,14 +39,14 @@ from replicate.tracking import write_record
 
 @dataclass
 class LrnCifarConfig(Section):
-    train_images: int = 0  # the first N training images in batch order; 0: all 50,000
-    test_images: int = 0  # the first N test images; 0: all 10,000
-    epochs: int = 8
-    lr: float = 0.004
+    train_images: NonNegativeInt = 0  # the first N training images in batch order; 0: all 50,000
+    test_images: NonNegativeInt = 0  # the first N test images; 0: all 10,000
+    epochs: Positive = 8
+    lr: Annotated[float, Range(0, low_open=True)] = 0.004
     lr_drop_epochs: list[int] = field(default_factory=lambda: [6])  # lr / 10 from these epochs on
-    batch_size: int = 128
-    momentum: float = 0.9  # §5
-    weight_decay: float = 0.0005  # §5
+    batch_size: Positive = 128
+    momentum: Probability = 0.9  # §5
+    weight_decay: NonNegative = 0.0005  # §5
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     exact_subset: bool = False  # swap in the exact pixels of the bundled 10% subset
     out_dir: str = "runs/lrn-cifar"
@@ -45,8 +55,8 @@ class LrnCifarConfig(Section):
     def __post_init__(self) -> None:
         super().__post_init__()
         devices.check_name(self.device)  # whether this machine has it: when the run starts
-        if self.epochs < 1 or not self.seeds or self.lr <= 0:
-            raise ConfigError("lrn-cifar: epochs must be >= 1, seeds non-empty and lr positive")
+        if not self.seeds or min(self.seeds) < 0 or min(self.lr_drop_epochs, default=1) < 1:
+            raise ConfigError("lrn-cifar: seeds must be non-empty and >= 0, lr_drop_epochs >= 1")
 
 
 def cifar_tensors(split: str, count: int, exact_subset: bool) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from pathlib import Path
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from replicate.config import ConfigError, Section
+from replicate.config import ConfigError, NonNegativeInt, Positive, Range, Section
 from replicate.data.device_decode import images_on
 from replicate.data.imagenet import Split, class_names, ilsvrc_split, image_folder
-from replicate.data.sources import IMAGENET_HELP, DataError, bundled_or_download, cache_dir
+from replicate.data.sources import (
+    BUNDLED_SHA256,
+    IMAGENET_HELP,
+    OFFICIAL,
+    DataError,
+    bundled_or_download,
+    cache_dir,
+)
 from replicate.data.store import ImageStore, StoreSpec, build_store, fingerprint
 from replicate.data.transforms import Augment, AugmentConfig
 
@@ -30,15 +38,15 @@ class DataConfig(Section):
     )
     train_split: str = "train"
     eval_split: str = "val"  # ilsvrc2010: "test" for Table 1
-    limit_per_class: int = 0  # >0: that many images per class, evenly spaced (quick runs, tests)
+    limit_per_class: NonNegativeInt = 0  # >0: that many images per class, evenly spaced (quick runs, tests)
     store_format: Literal["raw", "jpeg"] = "raw"  # raw: exact, 192 KiB an image; jpeg: ~10x smaller
-    jpeg_quality: int = 95
-    image_side: int = 256  # §2
+    jpeg_quality: Annotated[int, Range(1, 100)] = 95  # PIL's scale
+    image_side: Positive = 256  # §2
     draft: bool = True  # JPEG draft mode when preprocessing large photos
     skip_unreadable: bool = False  # skip and count undecodable images instead of stopping
-    batch_size: int = 128  # §5
-    workers: int = 2  # loader processes
-    prefetch_factor: int = 4  # batches each worker prepares ahead
+    batch_size: Positive = 128  # §5
+    workers: NonNegativeInt = 2  # loader processes (0: in the training process)
+    prefetch_factor: Positive = 4  # batches each worker prepares ahead
     pin_memory: bool = True  # page-locked batches for fast GPU copies (ignored without a GPU)
     persistent_workers: bool = True
     # Where training views are cut: workers (crop, flip, mean, colour noise in the loader
@@ -55,8 +63,10 @@ class DataConfig(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.batch_size < 1 or self.workers < 0 or self.limit_per_class < 0:
-            raise ConfigError("batch_size must be >= 1, workers and limit_per_class >= 0")
+        if self.augment.crop_size > self.image_side:
+            raise ConfigError(
+                f"augment.crop_size = {self.augment.crop_size} is larger than image_side = {self.image_side}"
+            )
         if self.decode_on == "device" and (self.store_format != "jpeg" or self.augment_on == "workers"):
             raise ConfigError(
                 "decode_on=device decodes a JPEG store where the views are cut, so it needs "
@@ -78,24 +88,64 @@ def even_subset(split: Split, per_class: int) -> Split:
     return Split(refs, split.classes)
 
 
-def source_split(config: DataConfig, split: str, classes: list[str] | None = None) -> Split:
-    """The listing of `split` from the configured source (nothing decoded yet)."""
+@dataclass(frozen=True)
+class Source:
+    """Where a data set's images come from: the folder they were found or extracted in (None for the
+    ILSVRC archives, read in place), and what a run record says of it (`label`, shown in tables)."""
+
+    folder: Path | None
+    record: dict[str, str]
+
+    @property
+    def label(self) -> str:
+        return self.record["label"]
+
+
+def locate_source(config: DataConfig) -> Source:
+    """The configured data set's source, with the file and checksum it was verified against."""
+    subset = {"subset": f"{config.limit_per_class} images per class"} if config.limit_per_class else {}
     if config.dataset == "imagenette":
-        folder, bundled = bundled_or_download(
-            "imagenette-224-mini.tar", "imagenette", config.root, config.cache_dir
-        )
-        if not bundled:  # the official archive: take the bundled subset's counts from it
-            result = image_folder(folder / "imagenette2-320", split, classes)
+        bundled_name, official = "imagenette-224-mini.tar", OFFICIAL["imagenette"]
+        folder, bundled = bundled_or_download(bundled_name, "imagenette", config.root, config.cache_dir)
+        if bundled:
+            record = {
+                "label": "bundled Imagenette, 224 px",
+                "file": bundled_name,
+                "sha256": BUNDLED_SHA256[bundled_name],
+            }
+        else:
+            record = {
+                "label": "official Imagenette, 320 px",
+                "file": official.url.rsplit("/", 1)[-1],
+                "md5": official.md5,
+            }
+        per_class = IMAGENETTE_PER_CLASS
+        counts = f"{per_class['train']} train / {per_class['val']} val per class"
+        return Source(folder, {**record, "images": counts, **subset})
+    if config.root is None:
+        needs = IMAGENET_HELP if config.dataset.startswith("ilsvrc") else "holding train/ and val/"
+        raise DataError(f"data.dataset={config.dataset} needs data.root (DATA=/path). {needs}")
+    label = f"ILSVRC-{config.dataset[-4:]}" if config.dataset.startswith("ilsvrc") else "image folder"
+    return Source(
+        None if config.dataset.startswith("ilsvrc") else Path(config.root),
+        {"label": label, "root": str(config.root), **subset},
+    )
+
+
+def source_split(
+    config: DataConfig, split: str, classes: list[str] | None = None, source: Source | None = None
+) -> Split:
+    """The listing of `split` from the configured source (nothing decoded yet)."""
+    source = source or locate_source(config)
+    if config.dataset == "imagenette":
+        if source.record["label"].startswith("official"):  # the bundled subset's counts, taken from it
+            result = image_folder(source.folder / "imagenette2-320", split, classes)
             result = even_subset(result, IMAGENETTE_PER_CLASS.get(split, 10**9))
         else:
-            result = image_folder(folder, split, classes)
+            result = image_folder(source.folder, split, classes)
     elif config.dataset in ("ilsvrc2012", "ilsvrc2010"):
-        if config.root is None:
-            raise DataError(f"data.dataset={config.dataset} needs data.root (DATA=/path). {IMAGENET_HELP}")
         result = ilsvrc_split(config.root, split, int(config.dataset[-4:]))
     else:
-        if config.root is None:
-            raise DataError("data.dataset=imagefolder needs data.root (DATA=/path) holding train/ and val/")
         result = image_folder(config.root, split, classes)
     if config.limit_per_class:
         result = even_subset(result, config.limit_per_class)
@@ -108,6 +158,7 @@ class Prepared:
     eval: ImageStore
     stats: dict
     class_names: list[str]
+    source: dict  # `Source.record` and the stores' folders: what a run record says produced its data
 
 
 def prepare(config: DataConfig, workers: int | None = None) -> Prepared:
@@ -116,8 +167,9 @@ def prepare(config: DataConfig, workers: int | None = None) -> Prepared:
         config.store_format, config.image_side, config.jpeg_quality, config.draft, config.skip_unreadable
     )
     root = cache_dir(config.cache_dir) / "stores"
-    train = source_split(config, config.train_split)
-    evaluation = source_split(config, config.eval_split, train.classes)
+    source = locate_source(config)
+    train = source_split(config, config.train_split, source=source)
+    evaluation = source_split(config, config.eval_split, train.classes, source)
     if evaluation.classes != train.classes:
         raise DataError(
             f"the {config.eval_split} split's classes differ from the train split's: mismatched files"
@@ -134,7 +186,8 @@ def prepare(config: DataConfig, workers: int | None = None) -> Prepared:
             description=f"preprocess {config.dataset} {name}",
         )
         stores.append(ImageStore(folder))
-    return Prepared(stores[0], stores[1], stores[0].stats(), class_names(train.classes, config.root))
+    record = {**source.record, "stores": [store.folder.name for store in stores]}  # names hold fingerprints
+    return Prepared(stores[0], stores[1], stores[0].stats(), class_names(train.classes, config.root), record)
 
 
 class EpochBatches(Sampler):

@@ -11,11 +11,11 @@ import hashlib
 import os
 import shutil
 import tarfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
+from torchvision.datasets import CIFAR10, Imagenette
+from torchvision.datasets.utils import check_integrity, download_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A mirror of the project's data files beside the checkout (shared/data next to it), used when present.
@@ -42,14 +42,10 @@ BUNDLED_SHA256 = {
     "ilsvrc2012-classes.tsv": "c106702a21c2efe941d3002bed05d7231fdeea34e37f6a1b058678a2e0911c51",
 }
 OFFICIAL = {
-    # fastai's Imagenette v2, 320 px shorter side (torchvision.datasets.Imagenette's checksum).
-    "imagenette": Download(
-        "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz", "3df6f0d01a2c9592104656642f5e78a3"
-    ),
-    # The original CIFAR-10 python batches (exact pixels).
-    "cifar10": Download(
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
-    ),
+    # fastai's Imagenette v2, 320 px shorter side, as torchvision.datasets.Imagenette fetches it.
+    "imagenette": Download(*Imagenette._ARCHIVES["320px"]),
+    # The original CIFAR-10 python batches (exact pixels), as torchvision.datasets.CIFAR10 fetches them.
+    "cifar10": Download(CIFAR10.url, CIFAR10.tgz_md5),
 }
 IMAGENET_HELP = (
     "ImageNet cannot be downloaded automatically: register at https://image-net.org, download "
@@ -107,26 +103,20 @@ def find_bundled(name: str, explicit: str | Path | None = None) -> Path | None:
 
 
 def download(source: Download, destination: Path) -> Path:
-    """Fetch `source` to `destination` (kept only if its md5 matches)."""
-    if destination.is_file() and file_digest(destination, "md5") == source.md5:
+    """Fetch `source` to `destination` with torchvision's downloader, kept only if its md5 matches."""
+    if check_integrity(str(destination), source.md5):
         return destination
-    partial = destination.with_name(destination.name + ".part")
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with urllib.request.urlopen(source.url, timeout=60) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {destination.name}") as bar:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    out.write(block)
-                    bar.update(len(block))
-    except OSError as error:
-        partial.unlink(missing_ok=True)
+        download_url(source.url, str(destination.parent), destination.name, source.md5)
+    except (OSError, RuntimeError, ValueError) as error:  # no network, HTTP errors, a bad checksum
+        actual = file_digest(destination, "md5") if destination.is_file() else None
+        destination.unlink(missing_ok=True)
+        if actual is not None and actual != source.md5:
+            raise DataError(
+                f"download of {source.url}: md5 {actual} does not match the published {source.md5}"
+            ) from None
         raise DataError(f"download of {source.url} failed: {error}") from None
-    actual = file_digest(partial, "md5")
-    if actual != source.md5:
-        partial.unlink()
-        raise DataError(f"download of {source.url}: md5 {actual} does not match the published {source.md5}")
-    partial.replace(destination)
     return destination
 
 
@@ -156,6 +146,9 @@ def safe_extract(archive: Path, destination: Path) -> Path:
     except (tarfile.TarError, EOFError, OSError) as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise DataError(f"{archive}: cannot extract ({error}); the archive is corrupt or truncated") from None
+    except BaseException:  # a refused member, Ctrl-C: no half-filled folder either
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     (staging / ".complete").write_text(str(archive) + "\n")
     shutil.rmtree(destination, ignore_errors=True)
     staging.replace(destination)
@@ -179,7 +172,7 @@ def bundled_or_download(
     copies = [folder / name for folder in search_dirs(explicit) if (folder / name).is_file()]
     if copies:
         archive = copies[0]
-        if file_digest(archive, "md5") != source.md5:
+        if not check_integrity(str(archive), source.md5):
             raise DataError(
                 f"{archive}: md5 does not match the published {source.md5}; corrupt or another version"
             )

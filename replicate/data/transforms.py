@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from replicate.config import ConfigError, Section
+from replicate.config import NonNegative, Positive, Section
 
 TEN_CROP_NAMES = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
 
@@ -24,20 +24,15 @@ TEN_CROP_NAMES = ("top-left", "top-right", "bottom-left", "bottom-right", "centr
 class AugmentConfig(Section):
     """The §4.1 pipeline; the paper's rule is each default, the 2012 code's an option."""
 
-    crop_size: int = 224  # §4.1: 224 x 224 patches of the 256 x 256 images
+    crop_size: Positive = 224  # §4.1: 224 x 224 patches of the 256 x 256 images
     random_crop: bool = True  # §4.1; false: the centre patch (the no-crop/flip ablation)
     flip: bool = True  # §4.1: horizontal reflection with probability 0.5
-    crop_chunk: int = 1  # images sharing one crop and flip (the 2012 code, convdata.py: 32)
+    crop_chunk: Positive = 1  # images sharing one crop and flip (the 2012 code, convdata.py: 32)
     colour_noise: Literal["paper", "code2012", "off"] = "paper"  # §4.1 PCA colour augmentation
-    colour_noise_std: float = 0.1  # §4.1: alpha_i ~ N(0, 0.1)
+    colour_noise_std: NonNegative = 0.1  # §4.1: alpha_i ~ N(0, 0.1)
     # §2 "mean activity ... from each pixel": the mean image at the crop's own position; the 2012
     # code subtracts the mean's centre crop from every view (convdata.py, data_mean_crop).
     mean_crop: Literal["same_position", "centre"] = "same_position"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.crop_chunk < 1:
-            raise ConfigError(f"crop_chunk must be >= 1, got {self.crop_chunk}")
 
 
 def image_rng(seed: int, epoch: int, position: int, stream: int) -> np.random.Generator:
