@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.records import find_record, load_records, load_wandb_records
+from analysis.records import NO_SOURCE, find_record, load_records, load_wandb_records
 from analysis.stats import Estimate, mean_ci, paired_deltas
 from replicate.paper import LAB_PROTOCOLS, lab_delta, lab_record, load_claims, paper_result
 
@@ -31,12 +31,9 @@ def replication_table(run_dir: str | Path) -> pd.DataFrame:
             "top-5 error %": paper["top5_error"],
         }
     ]
+    source = evaluation.get("source", {}).get("label", NO_SOURCE)
     for views, result in evaluation["views"].items():
-        where = (
-            f"{dataset} {split}"
-            if comparable
-            else (f"{dataset} {split}: bundled subset, NOT comparable with the paper")
-        )
+        where = f"{dataset} {split}, {source}" + ("" if comparable else ": NOT comparable with the paper")
         rows.append(
             {
                 "source": f"measured ({where}, {result['images']} images)",

@@ -4,7 +4,10 @@ names it, not a traceback from the first tensor moved there."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.distributed as dist
 
 from replicate.config import ConfigError
 
@@ -67,3 +70,25 @@ def describe(device: torch.device) -> str:
     if device.type != "cuda":
         return str(device)
     return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank), initialising torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world > 1:
+        return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def choose(device: str, model_parallel: bool, local_rank: int = 0) -> list[torch.device]:
+    """The devices a training process runs on: one per column under `model_parallel` (two GPUs per
+    process, §3.2), else `device` resolved for the process of `local_rank`."""
+    if model_parallel:  # device=auto (TrainConfig); on a machine without GPUs too, not ignored
+        if torch.cuda.device_count() < 2 * (local_rank + 1):
+            raise ConfigError(  # as a device this machine lacks (devices.resolve)
+                f"train.model_parallel needs 2 GPUs per process; {torch.cuda.device_count()} visible"
+            )
+        return [torch.device("cuda", 2 * local_rank), torch.device("cuda", 2 * local_rank + 1)]
+    return [resolve(device, "train.device", local_rank)]

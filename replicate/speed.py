@@ -117,10 +117,10 @@ def keep_freed_memory() -> bool:
 
     PyTorch's CPU tensors come straight from malloc. glibc serves every block above its mmap threshold
     (32 MiB at most) with a fresh mmap and unmaps it when freed, so every large activation of every
-    training step is new memory that the kernel maps and zeroes page by page on first touch; on the
-    2-core machine that was about 30% of this network's training step (BENCHMARKS.md). With mmap
-    and trimming off, freed blocks return to the heap and the next step reuses them. The price: the
-    process holds on to its peak memory until it exits. `ALEXNET_KEEP_FREED_MEMORY=0` turns it off;
+    training step is new memory that the kernel maps and zeroes page by page on first touch, a large
+    part of a CPU training step on a small machine. With mmap and trimming off, freed blocks return
+    to the heap and the next step reuses them. The price: the process holds on to its peak memory
+    until it exits. `ALEXNET_KEEP_FREED_MEMORY=0` turns it off;
     it does nothing where the C library has no `mallopt` (macOS, Windows). Returns whether it is on.
     """
     if os.environ.get(KEEP_FREED_MEMORY, "1") == "0":

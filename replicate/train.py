@@ -10,7 +10,6 @@ weights as one never killed (on CPU with train.deterministic=true).
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field, replace
@@ -87,27 +86,6 @@ def default_run_dir(name: str, config: TrainConfig) -> Path:
     return Path(config.runs_dir) / name / f"seed{config.seed}"
 
 
-def distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank), initialising torch.distributed under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if world > 1:
-        return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
-def choose_devices(config: TrainConfig, local_rank: int) -> list[torch.device]:
-    """One device per column under model_parallel (two GPUs per process), else one."""
-    if config.model_parallel:  # device=auto (TrainConfig); on a machine without GPUs too, not ignored
-        if torch.cuda.device_count() < 2 * (local_rank + 1):
-            raise ConfigError(  # as a device this machine lacks (devices.resolve)
-                f"train.model_parallel needs 2 GPUs per process; {torch.cuda.device_count()} visible"
-            )
-        return [torch.device("cuda", 2 * local_rank), torch.device("cuda", 2 * local_rank + 1)]
-    return [devices.resolve(config.device, "train.device", local_rank)]
-
-
 class StopRequested:
     """SIGINT (Ctrl-C) sets a flag; the loop saves a checkpoint after the step in progress."""
 
@@ -128,12 +106,12 @@ class StopRequested:
 class Trainer:
     def __init__(self, config, run_dir: Path, resume: bool, prepared: Prepared | None = None) -> None:
         self.config, self.run_dir = config, run_dir
-        self.rank, self.world, local_rank = distributed()
+        self.rank, self.world, local_rank = devices.distributed()
         train = config.train
         if train.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(train.seed)
-        self.devices = choose_devices(train, local_rank)
+        self.devices = devices.choose(train.device, train.model_parallel, local_rank)
         self.prepared = prepared or self._prepare()
         classes = len(self.prepared.class_names)
         if config.model.num_classes != classes:
@@ -428,7 +406,9 @@ def run_training(config, run_dir: Path | None = None, resume: bool = False) -> P
         )
         tracker.final_evaluation(record)
         if config.tracking.log_checkpoint:
-            tracker.log_checkpoint(run_dir / "checkpoints" / "last.pt", f"{config.name}-seed{config.train.seed}")
+            tracker.log_checkpoint(
+                run_dir / "checkpoints" / "last.pt", f"{config.name}-seed{config.train.seed}"
+            )
         tracker.finish()
         write_status(run_dir, "finished")
     return run_dir

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from replicate.config import ConfigError, Range, Section, parse_override
+from replicate.devices import choose
 from replicate.experiment import ExperimentConfig, load_experiment
 from replicate.model import AlexNet, ModelConfig
-from replicate.train import TrainConfig, choose_devices
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -92,20 +92,20 @@ def test_model_parallel_without_two_gpus_is_an_error_not_ignored(monkeypatch):
     """A machine without two GPUs per process cannot place the columns: an error, not one device."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match=r"model_parallel needs 2 GPUs per process; 1 visible"):
-        choose_devices(TrainConfig(model_parallel=True), local_rank=0)
+        choose("auto", True, local_rank=0)
 
 
 def test_train_device_cuda_gives_each_torchrun_process_its_own_gpu(monkeypatch):
     """`cuda` with no index is the GPU of the process's local rank, as `auto` picks it; `cuda:N` is N."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert choose_devices(TrainConfig(), local_rank=1) == [torch.device("cuda", 1)]  # device=auto
-    assert choose_devices(TrainConfig(device="cuda"), local_rank=1) == [torch.device("cuda", 1)]
-    assert choose_devices(TrainConfig(device="cuda:0"), local_rank=1) == [torch.device("cuda", 0)]
+    assert choose("auto", False, local_rank=1) == [torch.device("cuda", 1)]  # device=auto
+    assert choose("cuda", False, local_rank=1) == [torch.device("cuda", 1)]
+    assert choose("cuda:0", False, local_rank=1) == [torch.device("cuda", 0)]
     with pytest.raises(ConfigError, match="local rank 2: only 2 CUDA device"):
-        choose_devices(TrainConfig(device="cuda"), local_rank=2)
+        choose("cuda", False, local_rank=2)
     with pytest.raises(ConfigError, match="train.device=cuda:2: only 2 CUDA device"):
-        choose_devices(TrainConfig(device="cuda:2"), local_rank=0)
+        choose("cuda:2", False, local_rank=0)
 
 
 def test_every_numeric_config_field_declares_its_range():

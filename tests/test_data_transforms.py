@@ -129,7 +129,7 @@ def test_the_same_keys_give_the_same_views_and_epochs_differ():
 def test_bad_augment_options_are_errors():
     with pytest.raises(ConfigError, match="colour_noise = 'pca'"):
         AugmentConfig(colour_noise="pca")
-    with pytest.raises(ConfigError, match="crop_chunk must be >= 1"):
+    with pytest.raises(ConfigError, match="crop_chunk = 0 must be >= 1"):
         AugmentConfig(crop_chunk=0)
 
 

@@ -359,8 +359,8 @@ def test_tanh_variant_uses_tanh_everywhere():
         ({"lrn": "none"}, "lrn = 'none' is not one of"),
         ({"columns": 3}, "columns = 3 is not one of"),
         ({"remove_conv": 5}, "remove_conv = 5 is not one of"),
-        ({"dropout_p": 1.0}, "dropout_p must be in"),
-        ({"num_classes": 0}, "num_classes must be positive"),
+        ({"dropout_p": 1.0}, r"dropout_p = 1.0 must be in \[0, 1\)"),
+        ({"num_classes": 0}, "num_classes = 0 must be >= 1"),
     ],
 )
 def test_bad_variants_are_named_errors(bad, message):

@@ -73,5 +73,9 @@ def test_plateau_divides_by_ten_after_patience_at_most_three_times():
 
 
 def test_bad_optimiser_settings_are_errors():
-    with pytest.raises(ConfigError, match="patience >= 1"):
+    with pytest.raises(ConfigError, match="patience = 0 must be >= 1"):
         OptimConfig(patience=0)
+    with pytest.raises(ConfigError, match=r"momentum = 1.5 must be in \[0, 1\)"):
+        OptimConfig(momentum=1.5)
+    with pytest.raises(ConfigError, match="weight_decay = -1 must be >= 0"):
+        OptimConfig(weight_decay=-1)

@@ -157,21 +157,21 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 
 def test_resume_falls_back_from_an_unreadable_last_checkpoint_and_says_so(tmp_path):
-    code, _, err = train(tmp_path, "train.max_steps=2")
+    code, _, err = train(tmp_path, "train.epochs=1")  # 3 steps
     assert code == 0, err
     run_dir = tmp_path / "baseline" / "seed0"
     checkpoints = run_dir / "checkpoints"
     assert set(read_checkpoint(checkpoints / "best.pt", WEIGHT_KEYS)) == {"model", "position", "best_error"}
-    shutil.copy(checkpoints / "last.pt", checkpoints / "step2.pt")
+    shutil.copy(checkpoints / "last.pt", checkpoints / "step3.pt")
     (checkpoints / "last.pt").write_bytes(b"broken")
     resume = [sys.executable, "-m", "replicate", "train", "--resume", str(run_dir)]
     done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert f"{checkpoints / 'last.pt'}: not a readable checkpoint" in done.stdout
-    assert f"resuming from {checkpoints / 'step2.pt'} (step 2) instead" in done.stdout
+    assert f"resuming from {checkpoints / 'step3.pt'} (step 3) instead" in done.stdout
     # with nothing to fall back to (best.pt holds weights only): an error naming the file
     (checkpoints / "last.pt").write_bytes(b"broken")
-    (checkpoints / "step2.pt").unlink()
+    (checkpoints / "step3.pt").unlink()
     done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"checkpoint error: {checkpoints / 'last.pt'}: not a readable checkpoint" in done.stderr
@@ -210,12 +210,20 @@ def test_wandb_offline_logs_the_run_and_never_writes_the_api_key(tmp_path):
         "train.max_steps=2",
         "tracking.wandb=offline",
         "tracking.variant=lrn",
+        "tracking.log_checkpoint=true",
         env={"WANDB_API_KEY": secret, "WANDB_SILENT": "true"},
     )
     assert code == 0, err
     run_dir = tmp_path / "baseline" / "seed0"
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, "W&B offline run directory missing (syncable later with `wandb sync`)"
+    # the final evaluation as a W&B table, and last.pt logged as a model artifact (tracking.log_checkpoint)
+    tables = list(offline[0].rglob("final_evaluation_*.table.json"))
+    assert len(tables) == 1, list(offline[0].rglob("*"))
+    table = json.loads(tables[0].read_text())
+    assert [row[0] for row in table["data"]] == ["centre", "ten_crop"] and "precision" in table["columns"]
+    logged = b"".join(path.read_bytes() for path in offline[0].glob("*.wandb"))
+    assert b'{"file":"last.pt"}' in logged and b"model" in logged
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"API key written to {path}"
@@ -253,7 +261,8 @@ def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
         text=True,
         timeout=120,
     )
-    assert table.returncode == 0 and "NOT comparable with the paper" in table.stdout, table.stderr
+    assert table.returncode == 0, table.stderr
+    assert "imagenette val, bundled Imagenette, 224 px: NOT comparable with the paper" in table.stdout
     assert "| paper (§6, Table 2, 1 CNN, ilsvrc2012 val) | 10 crops (§4.1) | 40.7 | 18.2 |" in table.stdout
     assert "10 crops" in table.stdout and "centre crop" in table.stdout
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -3,13 +3,11 @@
 ATen hands contiguous float unary ops (`sqrt`, `exp`, `log`, `tanh`, ...) to MKL VML, each intra-op
 thread calling it on its own chunk, and VML picks each function's kernel on that function's first
 call. When that first call runs on several threads at once, one thread can run a low-accuracy
-kernel over its whole chunk, once (pytorch/pytorch#188792, open; oneMKL 2024.2). Here it struck the
-LRN's `sqrt` (lrn._inverse_power), the process's first big one: in 3 of about 200 fresh processes
-repeating the tests' tiny training run, the first half of the first batch's LRN1 outputs of column
-A (thread 0's chunk) were off by up to 2.8e-4 relative, thousands of ulp, while the same call
-repeated in the same process was right; so two runs with the same seed differed from the first step
-on. With this module imported, 160 repeats computed the same first step, every layer's output and
-gradient bit for bit.
+kernel over its whole chunk, once (pytorch/pytorch#188792; oneMKL 2024.2). In this network that is
+the LRN's `sqrt` (lrn.inverse_power), the process's first big one: in a few fresh processes in a
+hundred, one thread's half of the first batch's LRN1 outputs comes out up to 2.8e-4 off (relative,
+thousands of ulp), so two runs with the same seed differ from the first step on. With this module
+imported, repeated fresh processes compute the same first step bit for bit (tests/kernels/).
 
 Calling every such function once on a few numbers, which runs on one thread, settles the choice
 before any op is big enough to be split across threads. `replicate/__init__.py` does it on import,

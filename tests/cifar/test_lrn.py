@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+    with pytest.raises(ConfigError, match="epochs = 0 must be >= 1"):
         LrnCifarConfig(epochs=0)
 
 
