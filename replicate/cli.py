@@ -24,6 +24,7 @@ from replicate.cifar.lrn import table as lrn_cifar_table
 from replicate.config import ConfigError, apply_overrides, from_dict, to_dict
 from replicate.data.loader import prepare
 from replicate.data.sources import DataError
+from replicate.evaluate import evaluation_lines
 from replicate.experiment import load_experiment, resolve_file
 from replicate.model import AlexNet
 from replicate.runs import evaluate_runs, run_config, train_or_resume
@@ -95,18 +96,8 @@ def train_command(args: argparse.Namespace) -> int:
     else:
         config = load_experiment(*_split(args))
     run_dir = run_training(config, args.resume or args.run_dir, resume=bool(args.resume))
-    print_evaluation(json.loads((run_dir / "evaluation.json").read_text()))
-    print(f"run finished: {run_dir}")
+    print(f"run finished: {run_dir}")  # its errors printed by run_training (rank 0 under torchrun)
     return 0
-
-
-def print_evaluation(record: dict) -> None:
-    """One line per protocol of an evaluation.json record."""
-    for views, result in record["views"].items():
-        print(
-            f"{views}: top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
-            f"on {result['images']} images ({record['dataset']} {record['split']}, {record['precision']})"
-        )
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -115,7 +106,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     overrides = [p for p in args.runs if "=" in p]
     if not runs:
         raise ConfigError("evaluate needs at least one run directory")
-    print_evaluation(evaluate_runs(runs, args.views, args.weights, overrides, args.out))
+    print(evaluation_lines(evaluate_runs(runs, args.views, args.weights, overrides, args.out)))
     return 0
 
 
@@ -127,9 +118,9 @@ def replicate(args: argparse.Namespace) -> int:
     preset = EXPERIMENTS / ("baseline.yaml" if full else "replicate-bundled.yaml")
     config = load_experiment(config_file or preset, (["data.dataset=ilsvrc2012"] if full else []) + overrides)
     run_dir = default_run_dir(config.name, config.train)
-    if train_or_resume(config, run_dir) == "finished":
+    if train_or_resume(config, run_dir) == "finished":  # else run_training printed the errors
         print(f"{run_dir} is finished; showing its results (delete it to train again)")
-    print_evaluation(json.loads((run_dir / "evaluation.json").read_text()))
+        print(evaluation_lines(json.loads((run_dir / "evaluation.json").read_text())))
     print(f"run: {run_dir}")
     return 0
 

@@ -81,6 +81,15 @@ def evaluate(
     }
 
 
+def evaluation_lines(record: dict) -> str:
+    """An evaluation.json record as one line per protocol, for the terminal."""
+    return "\n".join(
+        f"{views}: top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
+        f"on {result['images']} images ({record['dataset']} {record['split']}, {record['precision']})"
+        for views, result in record["views"].items()
+    )
+
+
 def write_evaluation(
     out_dir: Path,
     results: dict[str, dict[str, float]],

@@ -35,7 +35,7 @@ from replicate.data.loader import (
     training_mode,
 )
 from replicate.data.transforms import Augment
-from replicate.evaluate import evaluate, topk_correct, write_evaluation
+from replicate.evaluate import evaluate, evaluation_lines, topk_correct, write_evaluation
 from replicate.optim import PaperSGD, PlateauSchedule, paper_optimizer
 from replicate.speed import autocast, begin_step, build_network, compiled, memory_format
 from replicate.tracking import Tracker, environment, wandb_choice, write_json
@@ -347,7 +347,7 @@ def write_status(run_dir: Path, state: str, message: str = "") -> None:
 
 
 def run_training(config, run_dir: Path | None = None, resume: bool = False) -> Path:
-    """Train (or resume) one run and evaluate it; returns the run directory."""
+    """Train (or resume) one run, evaluate it and print its errors (rank 0); returns the run directory."""
     run_dir = Path(run_dir or default_run_dir(config.name, config.train))
     if resume:
         saved = run_dir / "config.yaml"
@@ -404,6 +404,7 @@ def run_training(config, run_dir: Path | None = None, resume: bool = False) -> P
             trainer.devices[0],
             config.speed.precision,
         )
+        print(evaluation_lines(record))
         tracker.final_evaluation(record)
         if config.tracking.log_checkpoint:
             tracker.log_checkpoint(

@@ -179,8 +179,10 @@ def test_resume_falls_back_from_an_unreadable_last_checkpoint_and_says_so(tmp_pa
 
 
 def test_keep_best_false_keeps_only_the_last_checkpoint(tmp_path):
-    code, _, err = train(tmp_path, "train.epochs=1", "train.keep_best=false")
+    code, out, err = train(tmp_path, "train.epochs=1", "train.keep_best=false")
     assert code == 0, err
+    for views in ("centre", "ten_crop"):  # train ends by printing its final errors
+        assert re.search(rf"\n{views}: top-1 error [\d.]+%, top-5 error [\d.]+% on 20 images", out), out
     kept = sorted(p.name for p in (tmp_path / "baseline" / "seed0" / "checkpoints").iterdir())
     assert kept == ["last.pt"]
 
