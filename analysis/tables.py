@@ -245,8 +245,9 @@ def claim_deltas(claim: str, records: pd.DataFrame):
     baselines = trained[trained["claim"] == ""]
     if claim == "ten_crop":  # centre crop only, against 10 crops, on the baseline's own runs
         for group in experiments(baselines):
-            if refusal(group):
-                return refusal(group)
+            reason = refusal(group)
+            if reason:
+                return reason
             centre, ten = (_per_seed(group, p, "top1_error") for p in ("centre", "ten_crop"))
             centre5, ten5 = (_per_seed(group, p, "top5_error") for p in ("centre", "ten_crop"))
             if paired_deltas(centre, ten):

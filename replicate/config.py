@@ -183,16 +183,16 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
     return merged
 
 
-def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested mappings (or are in one only)."""
-    keys = []
+def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) wherever two nested mappings differ (None: absent)."""
+    found = []
     for key in sorted(set(a) | set(b)):
         left, right = a.get(key), b.get(key)
         if isinstance(left, dict) and isinstance(right, dict):
-            keys += differing_keys(left, right, f"{prefix}{key}.")
+            found += differences(left, right, f"{prefix}{key}.")
         elif left != right or (key in a) != (key in b):
-            keys.append(f"{prefix}{key}")
-    return keys
+            found.append((f"{prefix}{key}", left, right))
+    return found
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:

@@ -95,10 +95,7 @@ class Source:
 
     folder: Path | None
     record: dict[str, str]
-
-    @property
-    def label(self) -> str:
-        return self.record["label"]
+    per_class: dict[str, int] | None = None  # per split, images per class to take (evenly spaced)
 
 
 def locate_source(config: DataConfig) -> Source:
@@ -107,21 +104,22 @@ def locate_source(config: DataConfig) -> Source:
     if config.dataset == "imagenette":
         bundled_name, official = "imagenette-224-mini.tar", OFFICIAL["imagenette"]
         folder, bundled = bundled_or_download(bundled_name, "imagenette", config.root, config.cache_dir)
+        per_class = IMAGENETTE_PER_CLASS
+        counts = f"{per_class['train']} train / {per_class['val']} val per class"
         if bundled:
             record = {
                 "label": "bundled Imagenette, 224 px",
                 "file": bundled_name,
                 "sha256": BUNDLED_SHA256[bundled_name],
             }
-        else:
-            record = {
-                "label": "official Imagenette, 320 px",
-                "file": official.url.rsplit("/", 1)[-1],
-                "md5": official.md5,
-            }
-        per_class = IMAGENETTE_PER_CLASS
-        counts = f"{per_class['train']} train / {per_class['val']} val per class"
-        return Source(folder, {**record, "images": counts, **subset})
+            return Source(folder, {**record, "images": counts, **subset})
+        record = {
+            "label": "official Imagenette, 320 px",
+            "file": official.url.rsplit("/", 1)[-1],
+            "md5": official.md5,
+        }
+        # the official archive: the bundled subset's counts, taken from it
+        return Source(folder / "imagenette2-320", {**record, "images": counts, **subset}, per_class)
     if config.root is None:
         needs = IMAGENET_HELP if config.dataset.startswith("ilsvrc") else "holding train/ and val/"
         raise DataError(f"data.dataset={config.dataset} needs data.root (DATA=/path). {needs}")
@@ -137,16 +135,12 @@ def source_split(
 ) -> Split:
     """The listing of `split` from the configured source (nothing decoded yet)."""
     source = source or locate_source(config)
-    if config.dataset == "imagenette":
-        if source.record["label"].startswith("official"):  # the bundled subset's counts, taken from it
-            result = image_folder(source.folder / "imagenette2-320", split, classes)
-            result = even_subset(result, IMAGENETTE_PER_CLASS.get(split, 10**9))
-        else:
-            result = image_folder(source.folder, split, classes)
-    elif config.dataset in ("ilsvrc2012", "ilsvrc2010"):
+    if config.dataset in ("ilsvrc2012", "ilsvrc2010"):
         result = ilsvrc_split(config.root, split, int(config.dataset[-4:]))
     else:
-        result = image_folder(config.root, split, classes)
+        result = image_folder(source.folder, split, classes)
+        if source.per_class:
+            result = even_subset(result, source.per_class.get(split, 10**9))
     if config.limit_per_class:
         result = even_subset(result, config.limit_per_class)
     return result
