@@ -24,6 +24,7 @@ from typing import Annotated
 import torch
 
 from replicate import devices
+from replicate.bench.records import origin
 from replicate.cifar.data import first_images, load_cifar10
 from replicate.cifar.net import CifarNet, CifarNetConfig, train_epoch
 from replicate.config import ConfigError, NonNegativeInt, Positive, Probability, Range, Section, to_dict
@@ -126,12 +127,15 @@ def search(images, labels, activation: str, lrs: list[float], config: Figure1Con
 
 
 def run_figure1(config: Figure1Config) -> dict:
+    started = time.perf_counter()
     device = devices.resolve(config.device, "device")
     images, labels, what = training_data(config)
     images, labels = images.to(device), labels.to(device)
     record: dict = {
         "dataset": what,
         "device": devices.describe(device),
+        **origin(),
+        "torch": torch.__version__,
         "config": to_dict(config),
         "runs": [],
         "activations": {},
@@ -155,6 +159,7 @@ def run_figure1(config: Figure1Config) -> dict:
     numeric = NOT_REACHED not in (relu, tanh)
     record["tanh_over_relu"] = tanh / relu if numeric else NOT_REACHED
     record["paper_tanh_over_relu"] = load_claims()["figure1"]["tanh_over_relu_epochs"]
+    record["seconds"] = time.perf_counter() - started
     save(record, Path(config.out_dir))
     return record
 
