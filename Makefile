@@ -41,7 +41,7 @@ REPLICATE_RUN = runs/$(if $(DATA),baseline,replicate-bundled)/seed0
 
 replicate: $(STAMP)
 	$(PY) -m replicate replicate $(if $(DATA),data.root=$(DATA))
-	$(PY) -m analysis.tables $(REPLICATE_RUN)
+	$(PY) -m analysis.summary $(REPLICATE_RUN)
 
 # The paper's ablations, 3 seeds each: the bundled preset, or DATA=/path/to/ILSVRC2012 for the full one.
 ablations: $(STAMP)

@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # headless: notebooks under nbclient, CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
 from analysis.stats import mean_ci  # noqa: E402
@@ -35,44 +36,49 @@ def save(figure: plt.Figure, name: str, out_dir: str | Path = FIGURES_DIR) -> li
 
 
 def epoch_curves(run_dir: str | Path) -> pd.DataFrame:
-    """Per epoch: training error (mean of the logged steps' batch error), validation top-1/top-5
-    error, learning rate and whether it was reduced after that epoch (epochs.csv, steps.csv)."""
+    """Per epoch of one run: validation top-1/top-5 error and loss, the learning rate and whether it
+    was divided after that epoch (epochs.csv), and the mean training loss and batch top-1 error of
+    the steps logged in it (steps.csv, which counts epochs from 0), with the run's name and seed."""
     run_dir = Path(run_dir)
     epochs = pd.read_csv(run_dir / "epochs.csv")
     steps_path = run_dir / "steps.csv"
     if steps_path.is_file():
-        steps = pd.read_csv(steps_path)
-        train = steps.groupby("epoch")["top1_error"].mean()  # steps.csv counts epochs from 0
-        epochs["train_top1_error"] = [train.get(e - 1, math.nan) for e in epochs["epoch"]]
+        steps = pd.read_csv(steps_path).groupby("epoch")[["loss", "top1_error"]].mean()
+        epochs["train_loss"] = [steps["loss"].get(e - 1, math.nan) for e in epochs["epoch"]]
+        epochs["train_top1_error"] = [steps["top1_error"].get(e - 1, math.nan) for e in epochs["epoch"]]
+    epochs["run"] = run_dir.parent.name  # runs/<name>/seed<k>: the experiment's name
+    epochs["seed"] = run_dir.name
     return epochs
 
 
-def training_curves(run_dirs: list[Path]) -> plt.Figure:
-    """Train/val error per epoch for each run; dotted vertical lines where the lr was divided by 10."""
+def training_curves(run_dirs: list[Path], chance: float | None = None) -> plt.Figure:
+    """Training loss and validation top-1 error per epoch, one line per experiment (the runs' folder
+    name): the mean over its seeds, with a 95% confidence band where there are several (seaborn).
+    Dotted vertical lines where a run's learning rate was divided by 10 (§5), `chance` as a grey
+    line."""
+    curves = pd.concat([epoch_curves(run) for run in run_dirs], ignore_index=True)
+    several = curves.groupby("run")["seed"].nunique().max() > 1
+    band = ("ci", 95) if several else None
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for run_dir in run_dirs:
-        curves = epoch_curves(run_dir)
-        label = f"{Path(run_dir).parent.name}/{Path(run_dir).name}"
-        (line,) = axes[0].plot(curves["epoch"], curves["val_top1_error"], marker="o", label=f"{label} val")
-        if "train_top1_error" in curves:
-            axes[0].plot(
-                curves["epoch"],
-                curves["train_top1_error"],
-                ls="--",
-                color=line.get_color(),
-                label=f"{label} train (batches)",
-            )
-        axes[1].plot(
-            curves["epoch"], curves["val_top5_error"], marker="o", color=line.get_color(), label=label
-        )
-        for epoch in curves.loc[curves["lr_reduced"].astype(str) == "True", "epoch"]:
-            for axis in axes:
-                axis.axvline(epoch, color=line.get_color(), ls=":", lw=1)
-    axes[0].set(xlabel="epoch", ylabel="top-1 error (%)", title="top-1 error (dotted: lr / 10)")
-    axes[1].set(xlabel="epoch", ylabel="top-5 error (%)", title="validation top-5 error")
-    for axis in axes:
-        axis.legend(fontsize=7)
+    panels = [("train_loss", "loss (mean of the logged steps)"), ("val_top1_error", "top-1 error (%)")]
+    for axis, (column, label) in zip(axes, panels, strict=True):
+        if column in curves:
+            sns.lineplot(curves, x="epoch", y=column, hue="run", errorbar=band, marker="o", ax=axis)
+        axis.set(xlabel="epoch", ylabel=label)
         axis.grid(alpha=0.3)
+    axes[0].set_title("training loss")
+    axes[1].set_title("validation top-1 error" + (" (band: 95% CI over seeds)" if several else ""))
+    if chance is not None:
+        axes[1].axhline(chance, color="grey", lw=1, label=f"chance ({chance:g}%)")
+    drops = sorted(set(curves.loc[curves["lr_reduced"].astype(str) == "True", "epoch"]))
+    for number, epoch in enumerate(drops):
+        for axis in axes:
+            axis.axvline(epoch + 0.5, color="k", ls=":", lw=1, label="lr / 10" if number == 0 else None)
+    for axis in axes:
+        handles, labels = axis.get_legend_handles_labels()
+        if handles:
+            axis.legend(handles, labels, fontsize=7)
+    axes[1].xaxis.get_major_locator().set_params(integer=True)
     return figure
 
 
@@ -202,29 +208,28 @@ def figure4(query_images: np.ndarray, neighbour_images: np.ndarray, titles: list
 
 
 def ablation_chart(deltas: dict[str, list[float]], paper: dict[str, float | None]) -> plt.Figure:
-    """Measured top-1 error change (variant - baseline) per comparison, mean with its 95% CI over
-    seeds, and the paper's claimed change as a marker."""
+    """Measured top-1 error change (variant - baseline) per comparison: each seed's change as a dot
+    (seaborn), their mean with its 95% t-interval (`analysis.stats.mean_ci`, as in the tables), and
+    the paper's claimed change as a red diamond."""
     names = list(deltas)
+    seeds = pd.DataFrame(
+        [{"variant": name, "delta": delta} for name, values in deltas.items() for delta in values]
+    )
     figure, axis = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    sns.stripplot(seeds, x="delta", y="variant", order=names, color="tab:grey", alpha=0.6, size=4, ax=axis)
     for row, name in enumerate(names):
         estimate = mean_ci(deltas[name])
-        error = 0 if estimate.n < 2 else estimate.half_width
         axis.errorbar(
             estimate.mean,
             row,
-            xerr=error,
+            xerr=0 if estimate.n < 2 else estimate.half_width,
             fmt="o",
             color="tab:blue",
             capsize=4,
-            label="measured (mean, 95% CI)" if row == 0 else None,
+            label="measured (mean, 95% CI; dots: seeds)" if row == 0 else None,
         )
         axis.annotate(
-            f"n={estimate.n}",
-            (estimate.mean, row),
-            textcoords="offset points",
-            xytext=(0, 6),
-            fontsize=7,
-            ha="center",
+            f"n={estimate.n}", (estimate.mean, row), textcoords="offset points", xytext=(0, 6), fontsize=7
         )
         if paper.get(name) is not None:
             axis.plot(
@@ -236,8 +241,8 @@ def ablation_chart(deltas: dict[str, list[float]], paper: dict[str, float | None
                 label="paper" if "paper" not in [t.get_label() for t in axis.lines] else None,
             )
     axis.axvline(0, color="k", lw=1)
-    axis.set_yticks(range(len(names)), names, fontsize=8)
-    axis.set(xlabel="top-1 error change (percentage points; > 0: the variant is worse)", title="Ablations")
+    axis.set(xlabel="top-1 error change (points; > 0: the variant is worse)", ylabel="", title="Ablations")
+    axis.tick_params(axis="y", labelsize=8)
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3, axis="x")
     return figure

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -388,18 +387,3 @@ def all_tables(runs_root: str | Path, wandb_project: str | None = None) -> dict[
             json.loads(figure1.read_text()) if figure1 else None, json.loads(lrn.read_text()) if lrn else None
         ),
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m analysis.tables RUN_DIR`: the run's errors beside the paper's, as a Markdown table."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=main.__doc__)
-    parser.add_argument("run_dir", type=Path, help="a finished run (its evaluation.json)")
-    args = parser.parse_args(argv)
-    if not (args.run_dir / "evaluation.json").is_file():
-        parser.error(f"{args.run_dir}: no evaluation.json (is the run finished?)")
-    print(markdown(replication_table(args.run_dir)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

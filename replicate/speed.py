@@ -10,6 +10,11 @@ runs them under bf16 autocast (weights, optimiser and LRN stay fp32). `channels_
 rounds the same convolution differently (paper/fidelity.md). Tests hold each equal to the reference
 path within its tolerance (tests/test_speed.py).
 
+By default (`auto`) each device takes the fastest of these paths measured (BENCHMARKS.md): on the CPU
+the compiled LRN and Winograd's conv2-conv5, about 1.5x the plain torch ops; on a GPU the torch LRN
+and cuDNN's own choice of algorithm. Where a path's requirement is missing (a C++ compiler for
+torch.compile) the run says so in one line and takes the plain one (`SpeedConfig.resolved`).
+
 One setting is about the process, not the network: `keep_freed_memory`, on for every
 `python -m replicate` command (BENCHMARKS.md measures it).
 """
@@ -19,8 +24,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -43,8 +48,10 @@ Precision = Literal["fp32", "tf32", "bf16"]
 # step's hundreds of kernels). max-autotune would time kernel variants at every start: not offered.
 CompileMode = Literal["default", "reduce-overhead"]
 # torch: the reference autograd function; compiled: kernels fused by torch.compile (CPU needs a C++
-# compiler); triton: two hand-written Triton kernels (CUDA, NCHW, outside torch.compile).
-LRNKernel = Literal["torch", "compiled", "triton"]
+# compiler); triton: two hand-written Triton kernels (CUDA, NCHW, outside torch.compile); auto:
+# compiled on the CPU where it can be built, else torch (`SpeedConfig.resolved`).
+LRNKernel = Literal["auto", "torch", "compiled", "triton"]
+AUTO = "auto"
 LRN_FAST_PATHS = {"compiled": compiled_response_norm, "triton": triton_response_norm}
 
 
@@ -58,8 +65,8 @@ class SpeedConfig(Section):
     compile: bool = False  # torch.compile the network
     compile_mode: CompileMode = "default"  # reduce-overhead: CUDA graphs too (needs compile=true)
     fused_columns: bool = False  # both columns in one tensor (grouped convs): faster only compiled
-    lrn_kernel: LRNKernel = "torch"  # torch | compiled | triton (replicate/kernels/)
-    conv_algorithm: ConvAlgorithm = "direct"  # winograd: conv2-conv5 by Winograd's algorithm (CPU)
+    lrn_kernel: LRNKernel = AUTO  # auto | torch | compiled | triton (replicate/kernels/)
+    conv_algorithm: ConvAlgorithm = AUTO  # auto | direct | winograd: conv2-conv5 by Winograd's (CPU)
 
     def __post_init__(self) -> None:
         super().__post_init__()  # Literal choices
@@ -74,6 +81,34 @@ class SpeedConfig(Section):
                 "conv_algorithm=winograd needs compile=false and fused_columns=false, "
                 "or conv_algorithm=direct"
             )
+
+    def resolved(self, devices: Sequence[torch.device], say: Callable[[str], None] = print) -> SpeedConfig:
+        """These options with every `auto` made concrete for `devices`: the fastest path measured that
+        can run there. On the CPU: the compiled LRN (torch's LRN under compile=true, which fuses it
+        itself) and Winograd (direct under compile or fused_columns, which it cannot join); on a GPU:
+        the torch LRN and cuDNN's algorithms (the Triton LRN is not yet measured faster there). Where
+        torch.compile cannot build a kernel, `say` gets one line naming the reason and the plain path
+        taken. Probes the compiler once per process."""
+        if AUTO not in (self.lrn_kernel, self.conv_algorithm):
+            return self
+        cpu = all(device.type == "cpu" for device in devices)
+        lrn = conv = None
+        fallbacks = []
+        if self.lrn_kernel == AUTO:
+            lrn = "compiled" if cpu and not self.compile else "torch"
+            why = compiled_unavailable_reason(list(devices)) if lrn == "compiled" else None
+            if why:
+                lrn = "torch"
+                fallbacks.append(f"the LRN as torch ops ({why})")
+        if self.conv_algorithm == AUTO:
+            conv = "winograd" if cpu and not (self.compile or self.fused_columns) else "direct"
+            why = conv_algorithm_unavailable_reason(conv, list(devices))
+            if why:
+                conv = "direct"
+                fallbacks.append(f"direct convolutions (Winograd: {why})")
+        if fallbacks:
+            say(f"speed: {'; '.join(fallbacks)}; the same function, slower")
+        return replace(self, lrn_kernel=lrn or self.lrn_kernel, conv_algorithm=conv or self.conv_algorithm)
 
     def unavailable_reason(self, devices: Sequence[torch.device], flags: bool = False) -> str | None:
         """Why this machine cannot run these options on `devices` (a kernel without its compiler or
@@ -195,8 +230,9 @@ def use_lrn_kernel(model: nn.Module, kernel: LRNKernel) -> None:
 
 
 def apply_speed(model: AlexNet, speed: SpeedConfig) -> AlexNet:
-    """`model` (built, placed) with the kernels and layout of `speed`, in place."""
-    model.fused = speed.fused_columns
+    """`model` (built, placed) with the kernels and layout of `speed` (no `auto` left), in place;
+    `model.speed` keeps the options."""
+    model.speed, model.fused = speed, speed.fused_columns
     use_lrn_kernel(model, speed.lrn_kernel)
     if speed.conv_algorithm == "winograd":
         use_winograd(model)
@@ -208,11 +244,13 @@ def apply_speed(model: AlexNet, speed: SpeedConfig) -> AlexNet:
 def build_network(model: ModelConfig, speed: SpeedConfig, devices: Sequence[torch.device]) -> AlexNet:
     """The network of `model`, initialised from the global RNG, on `devices` (two: one column on each,
     §3.2) with the kernels and layout of `speed`, and the process's precision set to `speed.precision`.
-    A ConfigError naming the option if this machine cannot run it. Not compiled: `compiled`."""
+    `auto` options as `SpeedConfig.resolved` makes them. A ConfigError naming the option if this
+    machine cannot run it. Not compiled: `compiled`."""
     network = AlexNet.from_config(model, list(devices) if len(devices) > 1 else None)
     if len(devices) == 1:
         network.to(devices[0])
-    why_not = speed.unavailable_reason(devices)  # after the weights' draws: it may run the compiler
+    speed = speed.resolved(devices)  # after the weights' draws, as every compiler probe below
+    why_not = speed.unavailable_reason(devices)
     if why_not:
         raise ConfigError(why_not)
     set_precision(speed.precision)

@@ -119,8 +119,8 @@ class Trainer:
                 f"model.num_classes = {config.model.num_classes} but the data has {classes} classes; "
                 f"set model.num_classes={classes}"
             )
-        self.speed = config.speed
-        self.model = build_network(config.model, self.speed, self.devices)
+        self.model = build_network(config.model, config.speed, self.devices)
+        self.speed = self.model.speed  # `auto` resolved for these devices
         torch.backends.cudnn.benchmark = not train.deterministic  # fastest algorithms for these shapes
         self.optimizer: PaperSGD = paper_optimizer(self.model, config.optim)
         self.schedule = PlateauSchedule(self.optimizer, config.optim)
@@ -362,14 +362,18 @@ def run_training(config, run_dir: Path | None = None, resume: bool = False) -> P
     trainer = Trainer(config, run_dir, resume)
     tracker = None
     if trainer.rank == 0:
-        print(f"W&B: {mode} ({why})")
+        print(f"W&B: {mode} ({why})\nspeed: {trainer.speed}")
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         views_cut = "on the device" if trainer.training_mode != "train" else "in the loader workers"
         write_json(
             run_dir / "environment.json",
-            {**environment([str(d) for d in trainer.devices]), "training_views_cut": views_cut},
+            {
+                **environment([str(d) for d in trainer.devices]),
+                "training_views_cut": views_cut,
+                "speed": str(trainer.speed),
+            },
         )
         tracker = Tracker(run_dir, config.tracking, config.name, to_dict(config), config.train.seed, resume)
         if resume:  # rows logged after the checkpoint will be logged again

@@ -244,12 +244,31 @@ def test_a_run_with_every_speed_option_trains_and_evaluates(tmp_path):
     assert code != 0 and "precision" in err and "fp16" in err
 
 
+def test_auto_takes_the_fastest_path_that_can_run_on_each_device():
+    cpu, gpu = [torch.device("cpu")], [torch.device("cuda:0")]
+    said = []
+    fast = SpeedConfig().resolved(cpu, said.append)
+    assert (fast.lrn_kernel, fast.conv_algorithm) == ("compiled", "winograd") and not said
+    # torch.compile fuses the torch LRN itself, and Winograd joins neither it nor the fused columns
+    compiled_net = SpeedConfig(compile=True).resolved(cpu)
+    assert (compiled_net.lrn_kernel, compiled_net.conv_algorithm) == ("torch", "direct")
+    fused = SpeedConfig(fused_columns=True).resolved(cpu)
+    assert (fused.lrn_kernel, fused.conv_algorithm) == ("compiled", "direct")
+    on_gpu = SpeedConfig().resolved(gpu)  # no probe runs: nothing here needs the GPU
+    assert (on_gpu.lrn_kernel, on_gpu.conv_algorithm) == ("torch", "direct")
+    chosen = SpeedConfig(lrn_kernel="torch", conv_algorithm="direct")
+    assert chosen.resolved(cpu) is chosen
+
+
 @pytest.mark.slow
-def test_a_run_with_winograd_convolutions_trains_and_evaluates(tmp_path):
-    code, _, err = train(tmp_path, "train.max_steps=2", "speed.conv_algorithm=winograd")
+def test_a_run_with_the_default_speed_options_trains_on_the_fast_cpu_paths(tmp_path):
+    code, out, err = train(tmp_path, "train.max_steps=2")
     assert code == 0, err
     run = tmp_path / "baseline" / "seed0"
     assert (run / "evaluation.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    chosen = "lrn_kernel compiled; conv_algorithm winograd"
+    assert f"speed: precision fp32; channels_last False; compile False; {chosen}" in out
+    assert chosen in json.loads((run / "environment.json").read_text())["speed"]
 
 
 @needs_gpu
@@ -375,3 +394,9 @@ def test_the_compiled_kernels_without_a_compiler_are_a_clear_error(tmp_path):
     code, _, err = train(tmp_path / "runs", "speed.conv_algorithm=winograd", env=env)
     assert code != 0 and f"speed.conv_algorithm=winograd: {reason}" in err and "Traceback" not in err, err
     assert "set speed.conv_algorithm=direct" in err and not list((tmp_path / "runs").rglob("*.pt"))
+    # by default (auto) a run takes the plain paths instead, saying so in one line
+    code, out, err = train(tmp_path / "auto", "train.max_steps=1", env=env)
+    assert code == 0, err
+    fallback = [line for line in out.splitlines() if line.startswith("speed: the LRN as torch ops")]
+    assert len(fallback) == 1 and "direct convolutions (Winograd: torch.compile could not" in fallback[0], out
+    assert "speed: precision fp32; channels_last False; compile False\n" in out

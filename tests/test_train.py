@@ -257,13 +257,16 @@ def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
         )
     assert f"run: {run_dir}" in result.stdout
     table = subprocess.run(
-        [sys.executable, "-m", "analysis.tables", str(run_dir)],
+        [sys.executable, "-m", "analysis.summary", str(run_dir)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert table.returncode == 0, table.stderr
+    assert f"learning curve: {run_dir / 'learning_curve.png'}" in table.stdout
+    assert (run_dir / "learning_curve.png").stat().st_size > 10_000
+    assert (run_dir / "replication_table.md").read_text().startswith("| source | protocol |")
     assert "imagenette val, bundled Imagenette, 224 px: NOT comparable with the paper" in table.stdout
     assert "| paper (§6, Table 2, 1 CNN, ilsvrc2012 val) | 10 crops (§4.1) | 40.7 | 18.2 |" in table.stdout
     assert "10 crops" in table.stdout and "centre crop" in table.stdout

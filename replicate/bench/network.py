@@ -285,14 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lrn-kernel",
         choices=get_args(LRNKernel),
-        default="torch",
-        help="replicate's LRN layers: torch ops, torch.compile's fused kernels, or Triton ones (CUDA)",
+        default="auto",
+        help="replicate's LRN layers: torch ops, torch.compile's fused kernels, or Triton ones (CUDA); "
+        "auto (default): as training takes them (the compiled kernels on the CPU, torch ops on a GPU)",
     )
     parser.add_argument(
         "--conv-algorithm",
         choices=get_args(ConvAlgorithm),
-        default="direct",
-        help="replicate's stride-1 convolutions: the backend's (direct on the CPU), or Winograd (CPU)",
+        default="auto",
+        help="replicate's stride-1 convolutions: the backend's (direct on the CPU), or Winograd (CPU); "
+        "auto (default): as training takes them (Winograd on the CPU, the backend's on a GPU)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="also print a profile of each contender's step"
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             args.compile or "default",
             lrn_kernel=args.lrn_kernel,
             conv_algorithm=args.conv_algorithm,
-        )
+        ).resolved([device])
         why_not = options.unavailable_reason([device], flags=True)
     except ConfigError as error:
         parser.error(str(error))

@@ -22,8 +22,9 @@ from torch import nn
 from replicate.kernels.compiler import compile_failure, compiled_kernel
 
 # `speed.conv_algorithm`: direct leaves every convolution to the backend (oneDNN's direct algorithm on
-# the CPU, cuDNN's choice on a GPU); winograd runs the stride-1 ones by `WinogradConv` (CPU only).
-ConvAlgorithm = Literal["direct", "winograd"]
+# the CPU, cuDNN's choice on a GPU); winograd runs the stride-1 ones by `WinogradConv` (CPU only);
+# auto: winograd where it can run, else direct (`speed.SpeedConfig.resolved`).
+ConvAlgorithm = Literal["auto", "direct", "winograd"]
 Matrix = list[list[Fraction]]
 # The tile m of F(m x m, r x r) that `use_winograd` gives a layer with r x r kernels. F(5x5, 3x3) on
 # conv3-conv5's 13 x 13 maps: three tiles a side, 49 products per 25 outputs (15 x 15 computed for
@@ -355,7 +356,7 @@ def conv_algorithm_unavailable_reason(algorithm: ConvAlgorithm, devices: list[to
     """Why `algorithm` cannot run on `devices`, or None. Winograd is for the CPU (on a GPU cuDNN
     already chooses among its own algorithms, Winograd among them), and its transforms need
     torch.compile, so a C++ compiler: tried once before a run starts."""
-    if algorithm == "direct":
+    if algorithm != "winograd":
         return None
     gpus = [str(device) for device in devices if device.type != "cpu"]
     if gpus:
