@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Rebuilt when missing or older than pyproject.toml (the dependency list).
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast test-gpu lint replicate ablations figure1 prepare bench bench-data bench-gpu lrn-cifar report clean-venv
+.PHONY: install test test-fast test-gpu lint replicate ablations figure1 prepare bench bench-data bench-gpu gpu-evidence lrn-cifar report clean-venv
 
 install: $(STAMP)
 
@@ -64,12 +64,13 @@ prepare: $(STAMP)
 	$(PY) -m replicate prepare experiments/baseline.yaml $(if $(DATA),data.root=$(DATA) data.dataset=ilsvrc2012)
 
 # The network's training and 10-crop images/s against torchvision's alexnet (BENCHMARKS.md): every
-# default; the LRN as kernels fused by torch.compile (speed.lrn_kernel=compiled); that and conv2-conv5
-# by Winograd (speed.conv_algorithm=winograd); then Winograd against direct convolution layer by layer.
+# default (on the CPU the LRN as kernels fused by torch.compile and conv2-conv5 by Winograd); the plain
+# torch ops (speed.lrn_kernel=torch, speed.conv_algorithm=direct); the compiled LRN alone; then
+# Winograd against direct convolution layer by layer.
 bench: $(STAMP)
 	$(PY) -m replicate bench
-	$(PY) -m replicate bench --lrn-kernel compiled
-	$(PY) -m replicate bench --lrn-kernel compiled --conv-algorithm winograd
+	$(PY) -m replicate bench --lrn-kernel torch --conv-algorithm direct
+	$(PY) -m replicate bench --lrn-kernel compiled --conv-algorithm direct
 	$(PY) -m replicate bench-winograd
 
 # Data pipeline images/s against a plain torchvision pipeline (BENCHMARKS.md).
@@ -93,6 +94,13 @@ bench-gpu: $(STAMP)
 	$(PY) -m replicate project $(BENCH_OUT)/fp32.json $(BENCH_OUT)/tf32-compile.json \
 		$(BENCH_OUT)/bf16-cl-compile.json --data $(BENCH_OUT)/data.json --contender "replicate (per-column)" \
 		--pipeline steady_raw_device
+
+# On one GPU, in about ten minutes (the projection is printed first): the GPU tests, the headline bench
+# lines, the bundled ablation sweep (--preset gpu, 3 seeds) and the report, all under OUT
+# (analysis/evidence.py). SMOKE=1: every step at toy size, on any CPU (CI runs it).
+OUT ?= reports/gpu-evidence
+gpu-evidence: $(STAMP)
+	$(PY) -m analysis.evidence $(OUT) $(if $(SMOKE),--smoke)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -22,10 +22,15 @@ from analysis.stats import mean_ci  # noqa: E402
 FIGURES_DIR = Path("reports/figures")
 
 
-def save(figure: plt.Figure, name: str, out_dir: str | Path = FIGURES_DIR) -> list[Path]:
+def save(
+    figure: plt.Figure,
+    name: str,
+    out_dir: str | Path = FIGURES_DIR,
+    formats: tuple[str, ...] = ("png", "pdf"),
+) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    paths = [out / f"{name}.{suffix}" for suffix in formats]
     for path in paths:
         figure.savefig(path, bbox_inches="tight", dpi=150)
     plt.close(figure)

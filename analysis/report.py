@@ -5,7 +5,10 @@ It executes the notebooks of analysis/notebooks headlessly (nbclient); each note
 CSV), figures to reports/figures (PNG, PDF), the executed notebooks to reports/notebooks. A figure
 whose runs do not exist yet is skipped with a message saying which command produces them.
 Folders: ALEXNET_RUNS (default runs/) and ALEXNET_REPORTS (default reports/); ALEXNET_WANDB_PROJECT
-('entity/project') adds that W&B project's finished runs to the tables (online only).
+('entity/project') adds that W&B project's finished runs to the tables (online only). It also redraws
+the README's figures from the records committed under analysis/results/ (ALEXNET_RESULTS: another
+copy of them), and ends by writing reports/index.html: every table and figure with the command that
+made it (analysis/index_page.py).
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures
+from analysis.index_page import write_index
 from analysis.records import find_record, load_records, training_runs
+from analysis.summary import summarise
 from analysis.tables import all_tables, claim_deltas, markdown, write_table
 from replicate.checkpoints import WEIGHT_KEYS, read_checkpoint
 from replicate.paper import load_claims
 
 NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
+RESULTS = Path(__file__).resolve().parent / "results"  # small records committed with the repository
 
 
 def runs_dir() -> Path:
@@ -34,6 +40,11 @@ def runs_dir() -> Path:
 
 def reports_dir() -> Path:
     return Path(os.environ.get("ALEXNET_REPORTS", "reports"))
+
+
+def results_dir() -> Path:
+    """The committed records the README's figures are drawn from (ALEXNET_RESULTS: a copy elsewhere)."""
+    return Path(os.environ.get("ALEXNET_RESULTS", RESULTS))
 
 
 def figures_dir() -> Path:
@@ -168,20 +179,38 @@ def execute_notebooks() -> int:
     return 1 if failed else 0
 
 
+def make_committed_figures() -> list[Path]:
+    """The README's figures, redrawn from the records committed under analysis/results/."""
+    drawn = []
+    full = results_dir() / "figure1-full" / "figure1.json"
+    if full.is_file():
+        figure = figures.figure1(json.loads(full.read_text()), pd.read_csv(full.parent / "curves.csv"))
+        drawn += figures.save(figure, "figure1", full.parent, formats=("png",))
+    replicate = results_dir() / "replicate-bundled" / "seed0"
+    if (replicate / "epochs.csv").is_file():
+        drawn += summarise(replicate, formats=("png",))[1][1:]
+    return drawn
+
+
 def main() -> int:
     runs = runs_dir()
+    code = 0
     if not runs.is_dir() or not any(runs.rglob("evaluation.json")) and not any(runs.rglob("figure1.json")):
         print(
-            f"no runs under {runs}/ yet: nothing to report. Make some first: `make replicate` (a training "
-            "run), `make figure1`, `make lrn-cifar`, `make ablations`; or set ALEXNET_RUNS to a runs folder.",
+            f"no runs under {runs}/ yet: only the README's figures are drawn. Make some first: `make "
+            "replicate` (a training run), `make figure1`, `make lrn-cifar`, `make ablations`; or set "
+            "ALEXNET_RUNS to a runs folder.",
             file=sys.stderr,
         )
-        return 2
-    code = execute_notebooks()
+    else:
+        code = execute_notebooks()
     produced = sorted(p.name for p in figures_dir().glob("*.png")) if figures_dir().is_dir() else []
     print(
         f"figures in {figures_dir()}: {', '.join(produced) or 'none'}; tables in {reports_dir() / 'tables'}"
     )
+    committed = make_committed_figures()
+    print(f"the README's figures, from analysis/results/: {', '.join(map(str, committed)) or 'none'}")
+    print(f"the page: {write_index(reports_dir(), results_dir())}")
     return code
 
 

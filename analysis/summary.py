@@ -14,14 +14,14 @@ from analysis import figures
 from analysis.tables import markdown, replication_table
 
 
-def summarise(run_dir: Path) -> tuple[str, list[Path]]:
-    """The table as Markdown, and the files written: the table, then the figure's PNG and PDF."""
+def summarise(run_dir: Path, formats: tuple[str, ...] = ("png", "pdf")) -> tuple[str, list[Path]]:
+    """The table as Markdown, and the files written: the table, then the figure in each format."""
     table = markdown(replication_table(run_dir))
     table_path = run_dir / "replication_table.md"
     table_path.write_text(table + "\n")
     classes = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["num_classes"]
     curve = figures.training_curves([run_dir], chance=100 * (1 - 1 / classes))
-    return table, [table_path, *figures.save(curve, "learning_curve", run_dir)]
+    return table, [table_path, *figures.save(curve, "learning_curve", run_dir, formats)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from replicate.runs import evaluate_runs, train_or_resume
 from replicate.tracking import wandb_choice, write_json
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-PRESETS = ("bundled", "full")
+PRESETS = ("bundled", "gpu", "full")
 
 
 def ablation_files(only: list[str] | None = None) -> list[Path]:

@@ -139,8 +139,7 @@ class SpeedConfig(Section):
         if self.compile_mode != "default":
             text += f" ({self.compile_mode})"
         text += "; fused_columns True" if self.fused_columns else ""
-        text += f"; lrn_kernel {self.lrn_kernel}" if self.lrn_kernel != "torch" else ""
-        return text + (f"; conv_algorithm {self.conv_algorithm}" if self.conv_algorithm != "direct" else "")
+        return text + f"; lrn_kernel {self.lrn_kernel}; conv_algorithm {self.conv_algorithm}"
 
 
 KEEP_FREED_MEMORY = "ALEXNET_KEEP_FREED_MEMORY"  # set to 0 to leave the C library's allocator as it is

@@ -6,6 +6,18 @@ import pytest
 import torch
 from PIL import Image
 
+# Every wait on a subprocess or a file it writes is a guard against a hang, never a timing test: far
+# above the slowest honest run on a 2-core CPU that another job keeps busy, with an empty compile cache.
+HANG_GUARD_S = 1800
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked `gpu` needs one (`make gpu-evidence` selects them with -m gpu): skipped without."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(pytest.mark.skip(reason="needs a GPU"))
+
 
 @pytest.fixture
 def images() -> torch.Tensor:

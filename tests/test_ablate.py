@@ -11,6 +11,7 @@ from replicate.config import ConfigError, read_yaml, to_dict
 from replicate.data.sources import MIRROR_DIR
 from replicate.experiment import load_experiment
 from replicate.paper import load_claims
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 METADATA = {"name", "tracking.variant", "ablation.claim", "ablation.kind", "ablation.ensemble_size"}
@@ -66,18 +67,18 @@ def test_the_runner_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path)
     command = tiny_sweep(tmp_path, "train.checkpoint_every=1", "train.final_views=[centre]")
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     steps = tmp_path / "ablations-bundled" / "baseline" / "seed0" / "steps.csv"
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_GUARD_S
     while not (steps.is_file() and len(steps.read_text().splitlines()) > 2):
         assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
         time.sleep(0.05)
     first.send_signal(signal.SIGINT)
-    first.communicate(timeout=120)
+    first.communicate(timeout=HANG_GUARD_S)
     assert first.returncode == 130
-    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert second.returncode == 0, second.stderr
     assert "resume: " in second.stdout and "baseline/seed0" in second.stdout
     assert "train: " in second.stdout and "no_lrn/seed0" in second.stdout
-    third = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    third = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert third.returncode == 0, third.stderr
     assert third.stdout.count("skip (finished)") == 2
     saved = (tmp_path / "ablations-bundled" / "no_lrn" / "seed0" / "config.yaml").read_text()

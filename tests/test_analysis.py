@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
@@ -14,13 +15,15 @@ import pytest
 import torch
 import yaml
 
+from analysis.evidence import projection
 from analysis.figures import colourfulness
+from analysis.index_page import COMMITTED
 from analysis.records import load_records
 from analysis.stats import mean_ci, paired_deltas
 from analysis.tables import ablation_table, all_tables, cifar_table, latex, paper_table, write_table
 from replicate.data.sources import MIRROR_DIR
 from tests.cifar.test_figure1 import figure1 as run_figure1
-from tests.test_ablate import tiny_sweep
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student's t quantiles, df = n - 1
@@ -165,56 +168,124 @@ def test_colourfulness_separates_grey_from_colour_kernels():
     assert colourfulness(colour).min() > 0.5
 
 
-def report(runs: Path, reports: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ALEXNET_RUNS": str(runs), "ALEXNET_REPORTS": str(reports)}
-    return subprocess.run(
+class Links(HTMLParser):
+    """Every href and src of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.targets: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.targets += [value for name, value in attrs if name in ("href", "src")]
+
+
+def page_links(page: Path) -> list[Path]:
+    """The files `page` links to, each checked to exist."""
+    parser = Links()
+    parser.feed(page.read_text())
+    targets = [(page.parent / target).resolve() for target in parser.targets]
+    missing = [str(t) for t in targets if not t.is_file()]
+    assert not missing, missing
+    return targets
+
+
+def committed_results(tmp_path: Path) -> Path:
+    """A copy of analysis/results with its figures removed, for `make report` to redraw."""
+    copy = tmp_path / "results"
+    shutil.copytree(ROOT / "analysis" / "results", copy)
+    for figure in copy.rglob("*.png"):
+        figure.unlink()
+    return copy
+
+
+def test_report_redraws_the_readme_figures_and_writes_its_page_with_no_runs(tmp_path):
+    results = committed_results(tmp_path)
+    env = {**os.environ, "ALEXNET_RESULTS": str(results)}
+    result = subprocess.run(
         [sys.executable, "-m", "analysis.report"],
         cwd=ROOT,
-        env=env,
+        env={**env, "ALEXNET_RUNS": str(tmp_path / "runs"), "ALEXNET_REPORTS": str(tmp_path / "reports")},
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=HANG_GUARD_S,
     )
-
-
-def test_report_says_when_there_are_no_runs(tmp_path):
-    result = report(tmp_path / "runs", tmp_path / "reports")
-    assert result.returncode == 2 and "no runs under" in result.stderr and "make replicate" in result.stderr
+    assert result.returncode == 0 and "no runs under" in result.stderr and "make replicate" in result.stderr
+    page = tmp_path / "reports" / "index.html"
+    assert f"the page: {page}" in result.stdout
+    readme = [name for name in COMMITTED if (results / name).parent.is_dir()]
+    assert "replicate-bundled/seed0/learning_curve.png" in readme
+    linked = {path.relative_to(results.resolve()).as_posix() for path in page_links(page)}
+    assert set(readme) <= linked  # each redrawn from its records, and linked
+    for name in readme:
+        assert COMMITTED[name].split(" (")[0] in page.read_text()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout")
-def test_make_report_on_tiny_runs_writes_every_figure_and_table(tmp_path):
-    runs = tmp_path / "runs"
-    result = subprocess.run(tiny_sweep(runs), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr
+def test_gpu_evidence_smoke_mode_runs_every_step_and_reports_every_figure_and_table(tmp_path):
+    """`make gpu-evidence SMOKE=1` on the CPU: the GPU tests (skipped here), `bench --smoke`, a sweep
+    of two seeds side by side on 2 images per class, and `make report` on it; with a tiny Figure 1
+    run placed among its runs, every figure and table of the report is drawn."""
+    out = tmp_path / "evidence"
     figure1 = run_figure1(
         "train_images=256", "max_epochs=2", "relu_lrs=[0.004]", "tanh_lrs=[0.004]", "threshold=99",
-        "seeds=[0]", f"out_dir={runs / 'figure1'}",
+        "seeds=[0]", f"out_dir={out / 'runs' / 'figure1'}",
     )  # fmt: skip
     assert figure1.returncode == 0, figure1.stderr
     result = subprocess.run(
-        ["make", "report", f"PY={sys.executable}", "STAMP="],
+        ["make", "gpu-evidence", "SMOKE=1", f"OUT={out}", f"PY={sys.executable}", "STAMP="],
         cwd=ROOT,
-        env={**os.environ, "ALEXNET_RUNS": str(runs), "ALEXNET_REPORTS": str(tmp_path / "reports")},
+        env={**os.environ, "TQDM_DISABLE": "1", "ALEXNET_RESULTS": str(committed_results(tmp_path))},
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    figures = tmp_path / "reports" / "figures"
+    assert "projected from analysis/benchmarks/h100/fp32.json" in result.stdout
+    record = json.loads((out / "evidence.json").read_text())
+    steps = {step["step"]: step for step in record["steps"]}
+    assert steps["bench fp32-triton-lrn"] == {"step": "bench fp32-triton-lrn", "skipped": "needs a GPU"}
+    assert all(code == 0 for step in steps.values() for code in step.get("exit_codes", []))
+    assert len(steps["sweep, seeds side by side"]["exit_codes"]) == 2  # seeds 0 and 1, one process each
+    assert "smoke: timings meaningless" in json.loads((out / "bench" / "fp32.json").read_text())["options"]
+    reports = out / "report"
+    figures = reports / "figures"
     names = ["training_curves", "figure1", "figure3_conv1_kernels", "figure4_neighbours", "ablations"]
     for name in names:
         for suffix in (".png", ".pdf"):
             assert (figures / f"{name}{suffix}").stat().st_size > 1000, name + suffix
     for name in ("table1", "table2", "ablations", "cifar10"):
         for suffix in (".md", ".tex", ".csv"):
-            assert (tmp_path / "reports" / "tables" / f"{name}{suffix}").is_file()
-    ablations = pd.read_csv(tmp_path / "reports" / "tables" / "ablations.csv").set_index("comparison")
+            assert (reports / "tables" / f"{name}{suffix}").is_file()
+    ablations = pd.read_csv(reports / "tables" / "ablations.csv").set_index("comparison")
     measured = ablations.loc["no local response normalisation"]
-    assert measured["n"] == 1 and "bundled" in measured["data"] and measured["measured Δ top-1"] != "not run"
-    executed = sorted(p.name for p in (tmp_path / "reports" / "notebooks").glob("*.ipynb"))
+    assert measured["n"] == 2 and "bundled" in measured["data"] and measured["measured Δ top-1"] != "not run"
+    executed = sorted(p.name for p in (reports / "notebooks").glob("*.ipynb"))
     assert len(executed) == 6
+    linked = {path.name for path in page_links(reports / "index.html")}
+    assert {f"{name}.png" for name in names} | {f"{name}.csv" for name in ("table1", "ablations")} <= linked
+    assert set(executed) <= linked
+
+
+def test_gpu_evidence_without_a_gpu_asks_for_smoke_mode(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis.evidence", str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert result.returncode == 2 and "no GPU here" in result.stderr and "--smoke" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_gpu_evidence_projection_counts_every_run_of_the_sweep():
+    total, lines = projection()
+    epochs = yaml.safe_load((ROOT / "experiments" / "presets" / "gpu.yaml").read_text())["train"]["epochs"]
+    assert f"sweep: 32 runs x {epochs} epochs of 5,000 images" in lines[1]  # 5 baseline seeds, 9 x 3
+    assert "NVIDIA H100" in lines[0] and 0 < total < 3600
 
 
 class FakeRun:
@@ -313,3 +384,15 @@ def test_a_row_pools_only_finished_runs_of_one_experiment_with_distinct_seeds(tm
     data = set(paper_table(load_records(tmp_path / "c"), 2)["data"])
     assert "imagenette val (official Imagenette, 320 px: NOT comparable with the paper)" in data
     assert "imagenette val (bundled Imagenette, 224 px: NOT comparable with the paper)" in data
+
+
+def test_the_summary_of_a_folder_that_is_not_a_finished_run_is_a_clear_error(tmp_path):
+    (tmp_path / "run").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis.summary", str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert result.returncode == 2 and "no evaluation.json (is it a finished run's folder?)" in result.stderr

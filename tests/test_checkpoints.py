@@ -18,6 +18,7 @@ from replicate.checkpoints import (
 from replicate.config import to_dict
 from replicate.experiment import ExperimentConfig
 from replicate.model import AlexNet, ModelConfig
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,7 @@ def test_evaluate_with_a_broken_checkpoint_names_it_without_a_traceback(tmp_path
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"checkpoint error: {run / 'checkpoints' / 'last.pt'}: not a readable checkpoint" in done.stderr

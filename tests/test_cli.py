@@ -9,6 +9,7 @@ import yaml
 
 from replicate.bench.records import processor
 from replicate.tracking import git_commit
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
 
 
@@ -49,7 +50,7 @@ def test_import_and_build_in_a_fresh_interpreter():
         [sys.executable, "-c", "from replicate.model import AlexNet; AlexNet()"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr
 

@@ -14,7 +14,7 @@ from replicate.data.device_decode import decode_batch
 from replicate.data.imagenet import ImageRef, Split, image_folder
 from replicate.data.sources import DataError
 from replicate.data.store import ImageStore, StoreSpec, build_store, load_rgb
-from tests.conftest import encode, write_image_tree
+from tests.conftest import HANG_GUARD_S, encode, write_image_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def test_preprocessing_resumes_after_sigkill_with_the_same_result(tmp_path):
     """)
     process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.DEVNULL)
     progress = tmp_path / "killed" / "progress.npz"
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_GUARD_S
     while not progress.is_file() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
     assert process.poll() is None, "preprocessing finished before it could be killed: make the test bigger"
@@ -172,7 +172,7 @@ def test_a_jpeg_store_decoded_on_the_device_gives_the_workers_pixels(tmp_path):
         raw.encoded([0])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_nvjpeg_decodes_a_jpeg_store_within_a_few_levels_of_the_workers(tmp_path):
     rng = np.random.default_rng(2)
     rows, cols = np.mgrid[0:300, 0:260]

@@ -11,6 +11,7 @@ import torch
 
 from replicate.data.sources import MIRROR_DIR
 from replicate.model import AlexNet
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -55,7 +56,7 @@ def test_two_gloo_processes_reach_the_weights_of_one_process_on_the_same_global_
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
         env=env,
     )
     assert single.returncode == 0, single.stderr
@@ -64,7 +65,7 @@ def test_two_gloo_processes_reach_the_weights_of_one_process_on_the_same_global_
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
         env=env,
     )
     assert double.returncode == 0, double.stderr[-3000:]

@@ -55,7 +55,7 @@ def test_a_single_view_batch_is_one_view_per_image():
     torch.testing.assert_close(average_softmax([model], views), model(views).softmax(-1))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_ten_crop_evaluation_on_the_gpu_equals_the_cpu():
     """`evaluate` runs on the run's train.device (auto: the GPU), in fp32 as `evaluate_runs` sets it."""
     set_precision("fp32")

@@ -153,15 +153,13 @@ def test_cpu_window_sum_stays_in_float32_under_bf16_autocast():
         ("channels_last, many maps", "cpu"),  # _window_sum_innermost
         ("columns_view", "cpu"),
         ("columns_view, channels_last, many maps", "cpu"),  # the fused path with Winograd's layout
-        ("contiguous", "cuda"),
+        pytest.param("contiguous", "cuda", marks=pytest.mark.gpu),
     ],
 )
 def test_compiled_kernel_equals_the_torch_path_in_value_and_gradient(layout, device):
     """`speed.lrn_kernel=compiled`: the same rule and closed-form backward, fused by torch.compile."""
     from replicate.lrn import INNERMOST_MAPS_JOINED
 
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
     groups = 2 if layout.startswith("columns_view") else 1  # the fused path: each column its own maps
     per_column = INNERMOST_MAPS_JOINED + 8 if "many maps" in layout else 24 // groups
     maps = (

@@ -162,7 +162,7 @@ def test_devices_must_match_columns():
         AlexNet(10, devices=("cpu", "cpu", "cpu"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_cuda_and_cpu_columns_match_one_device(images):
     torch.manual_seed(0)
     single = AlexNet(10).eval()

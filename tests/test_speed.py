@@ -25,10 +25,8 @@ from replicate.speed import (
     set_precision,
     use_lrn_kernel,
 )
-from tests.conftest import write_image_tree
+from tests.conftest import HANG_GUARD_S, write_image_tree
 from tests.test_train import train
-
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 def step(model, network, images, labels, precision="fp32", seed=2):
@@ -202,7 +200,7 @@ def test_precision_flags():
         set_precision("fp32")
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_gpu_paths_against_the_cpu_reference(precision):
     """Fused columns and channels-last on the GPU in each precision, against the net in fp32 on the
@@ -244,6 +242,7 @@ def test_a_run_with_every_speed_option_trains_and_evaluates(tmp_path):
     assert code != 0 and "precision" in err and "fp16" in err
 
 
+@pytest.mark.slow  # probes torch.compile
 def test_auto_takes_the_fastest_path_that_can_run_on_each_device():
     cpu, gpu = [torch.device("cpu")], [torch.device("cuda:0")]
     said = []
@@ -271,7 +270,7 @@ def test_a_run_with_the_default_speed_options_trains_on_the_fast_cpu_paths(tmp_p
     assert chosen in json.loads((run / "environment.json").read_text())["speed"]
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "options",
     [
@@ -302,7 +301,7 @@ def test_a_gpu_training_run_with_speed_options(tmp_path, options):
     assert evaluation["views"]["ten_crop"]["images"] == 20
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_views_cut_on_the_gpu_equal_the_views_cut_on_the_cpu():
     from replicate.data.transforms import Augment, AugmentConfig
     from tests.test_data_transforms import random_images_and_stats
@@ -369,7 +368,7 @@ def test_the_compiled_kernels_without_a_compiler_are_a_clear_error(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
         env={**os.environ, **env},
     )
     reason = "torch.compile could not build the LRN's kernels on cpu (InvalidCxxCompiler: No working C++"
@@ -386,7 +385,7 @@ def test_the_compiled_kernels_without_a_compiler_are_a_clear_error(tmp_path):
             [sys.executable, "-m", "replicate", *command, "--json", str(tmp_path / "w.json")],
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=HANG_GUARD_S,
             env={**os.environ, **env},
         )
         assert probe.returncode == 2 and reason in probe.stderr, (command, probe.stderr)
@@ -399,4 +398,7 @@ def test_the_compiled_kernels_without_a_compiler_are_a_clear_error(tmp_path):
     assert code == 0, err
     fallback = [line for line in out.splitlines() if line.startswith("speed: the LRN as torch ops")]
     assert len(fallback) == 1 and "direct convolutions (Winograd: torch.compile could not" in fallback[0], out
-    assert "speed: precision fp32; channels_last False; compile False\n" in out
+    assert (
+        "speed: precision fp32; channels_last False; compile False; lrn_kernel torch; conv_algorithm direct\n"
+        in out
+    )

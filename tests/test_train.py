@@ -17,6 +17,7 @@ import torch
 
 from replicate.checkpoints import WEIGHT_KEYS, read_checkpoint
 from replicate.data.sources import MIRROR_DIR
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -58,7 +59,7 @@ def train(runs: Path, *overrides: str, wait: bool = True, env: dict | None = Non
     )
     if not wait:
         return process
-    out, err = process.communicate(timeout=600)
+    out, err = process.communicate(timeout=HANG_GUARD_S)
     return process.returncode, out, err
 
 
@@ -68,7 +69,7 @@ def resume(run_dir: Path) -> subprocess.CompletedProcess:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
 
 
@@ -77,7 +78,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
-    steps, deadline = run_dir / "steps.csv", time.time() + 300
+    steps, deadline = run_dir / "steps.csv", time.time() + HANG_GUARD_S
     while time.time() < deadline and process.poll() is None:
         if steps.is_file() and len(steps.read_text().splitlines()) > step:
             return
@@ -91,7 +92,7 @@ def kill_mid_epoch(process: subprocess.Popen, checkpoint: Path, epoch: int) -> N
     The run is frozen (SIGSTOP) while its checkpoint is read, so the position read is the one it dies
     with, however fast it steps: a kill timed from the outside could land after the epoch's end.
     """
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_GUARD_S
     while time.time() < deadline and process.poll() is None:
         process.send_signal(signal.SIGSTOP)
         position = torch.load(checkpoint, weights_only=True)["position"] if checkpoint.is_file() else None
@@ -165,14 +166,14 @@ def test_resume_falls_back_from_an_unreadable_last_checkpoint_and_says_so(tmp_pa
     shutil.copy(checkpoints / "last.pt", checkpoints / "step3.pt")
     (checkpoints / "last.pt").write_bytes(b"broken")
     resume = [sys.executable, "-m", "replicate", "train", "--resume", str(run_dir)]
-    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr
     assert f"{checkpoints / 'last.pt'}: not a readable checkpoint" in done.stdout
     assert f"resuming from {checkpoints / 'step3.pt'} (step 3) instead" in done.stdout
     # with nothing to fall back to (best.pt holds weights only): an error naming the file
     (checkpoints / "last.pt").write_bytes(b"broken")
     (checkpoints / "step3.pt").unlink()
-    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"checkpoint error: {checkpoints / 'last.pt'}: not a readable checkpoint" in done.stderr
     assert "no other checkpoint" in done.stderr
@@ -192,7 +193,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     run_dir = tmp_path / "baseline" / "seed0"
     wait_for_step(run_dir, 2, process)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    _, err = process.communicate(timeout=HANG_GUARD_S)
     assert process.returncode == 130, err
     assert "the work done is kept" in err
     assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
@@ -247,7 +248,7 @@ def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
         f"train.runs_dir={tmp_path}",
         "tracking.wandb=off",
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "replicate-bundled" / "seed0"
     for views in ("centre", "ten_crop"):
@@ -261,7 +262,7 @@ def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert table.returncode == 0, table.stderr
     assert f"learning curve: {run_dir / 'learning_curve.png'}" in table.stdout
@@ -270,7 +271,7 @@ def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
     assert "imagenette val, bundled Imagenette, 224 px: NOT comparable with the paper" in table.stdout
     assert "| paper (§6, Table 2, 1 CNN, ilsvrc2012 val) | 10 crops (§4.1) | 40.7 | 18.2 |" in table.stdout
     assert "10 crops" in table.stdout and "centre crop" in table.stdout
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert again.returncode == 0 and "is finished; showing its results" in again.stdout
     # An ensemble of the run with itself averages identical softmax outputs: the single run's errors.
     ensemble = subprocess.run(
@@ -278,7 +279,7 @@ def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert ensemble.returncode == 0, ensemble.stderr
     record = json.loads((tmp_path / "replicate-bundled" / "ensemble-of-2" / "evaluation.json").read_text())

@@ -5,7 +5,8 @@ channel pair; Winograd's algorithm does it with (m + r - 1)^2, at the price of i
 output transforms (adds and a few scalings) and of a different rounding. The per-frequency products
 become one batched matrix product; the transforms are fused by torch.compile. `bench-winograd` times
 it against oneDNN's direct convolutions layer by layer; `use_winograd` puts it into the network
-(`speed.conv_algorithm=winograd`, CPU only, off by default: it changes the arithmetic; BENCHMARKS.md).
+(`speed.conv_algorithm=winograd`, the CPU's default under `auto`: the same convolution, rounded
+differently, as cuDNN's Winograd and FFT algorithms are on a GPU; paper/fidelity.md, BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from replicate.bench.projection import EPOCHS, GRADIENT_BYTES, ILSVRC2012_TRAIN, ILSVRC2012_VAL, main, project
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,12 +51,12 @@ def test_the_command_reads_bench_records(tmp_path, capsys):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0, out.stderr
     hours = EPOCHS * (ILSVRC2012_TRAIN / 1000 + ILSVRC2012_VAL / 5000) / 3600
     assert f"1 GPU(s): {hours:5.1f} h for 90 epochs (1,000 img/s, bound by the network)" in out.stdout
-    by_default = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    by_default = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert by_default.returncode == 0, by_default.stderr  # the default contender: the default path
     assert "replicate (per-column): train 1000 img/s" in by_default.stdout
     assert "input pipeline: steady_raw_device," in by_default.stdout  # as training on a GPU feeds itself

@@ -11,6 +11,7 @@ from replicate.cifar.figure1 import Figure1Config
 from replicate.cifar.net import CifarNet, CifarNetConfig
 from replicate.config import ConfigError
 from replicate.data.sources import MIRROR_DIR
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +42,7 @@ def test_the_search_seed_comes_first():
 def figure1(*overrides: str) -> subprocess.CompletedProcess:
     """`python -m replicate figure1` with these overrides, as a user runs it."""
     command = [sys.executable, "-m", "replicate", "figure1", *overrides]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import torch
 from replicate.cifar.lrn import LrnCifarConfig
 from replicate.config import ConfigError
 from replicate.data.sources import MIRROR_DIR
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,11 @@ def test_a_short_run_records_both_arms_the_difference_and_the_paper(tmp_path):
     command = [sys.executable, "-m", "replicate", "lrn-cifar", "experiments/cifar10/lrn.yaml"]
     small = ["train_images=256", "test_images=200", "epochs=2", "lr_drop_epochs=[1]", "seeds=[0, 1]"]
     result = subprocess.run(
-        [*command, *small, f"out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [*command, *small, f"out_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "lrn-cifar.json").read_text())
@@ -46,10 +51,12 @@ def test_a_short_run_records_both_arms_the_difference_and_the_paper(tmp_path):
     assert "| with normalisation | 11 |" in result.stdout and "the difference is" in result.stdout
     curves = pd.read_csv(tmp_path / "curves.csv")
     assert len(curves) == 8 and set(curves["norm"]) == {"off", "lrn"}
-    typo = subprocess.run([*command, "epochz=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    typo = subprocess.run(
+        [*command, "epochz=3"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert typo.returncode == 2 and "epochz" in typo.stderr
     missing = subprocess.run(
-        [*command, "device=cuda:99"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [*command, "device=cuda:99"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S
     )  # a GPU this machine lacks: named before any data is read
     assert missing.returncode == 2 and "device=cuda:99: " in missing.stderr
     assert "Traceback" not in missing.stderr

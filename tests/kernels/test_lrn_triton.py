@@ -15,12 +15,11 @@ from replicate.config import ConfigError
 from replicate.kernels.lrn_triton import fused_response_norm, unavailable_reason
 from replicate.lrn import ResponseNorm, _ResponseNormFunction, reference_response_norm
 from replicate.speed import SpeedConfig
-from tests.conftest import response_norm_on
+from tests.conftest import HANG_GUARD_S, response_norm_on
 from tests.test_lrn import lrn_by_loop
 from tests.test_train import train
 
 ROOT = Path(__file__).resolve().parents[2]
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 def both_paths(maps: torch.Tensor, size: int, alpha: float, beta: float, k: float):
@@ -90,7 +89,7 @@ def test_fused_kernels_equal_the_torch_path_in_the_interpreter():
         env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert done.returncode == 0, done.stderr[-4000:]
 
@@ -136,12 +135,12 @@ def test_lrn_kernel_settings_that_cannot_work_are_config_errors(tmp_path):
         assert "speed.lrn_kernel=triton: the fused kernels run on CUDA devices, and this run is on cpu" in err
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_fused_kernels_equal_the_torch_path_on_the_gpu():
     check_against_the_torch_path("cuda")
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_response_norm_uses_the_fused_kernels_on_the_gpu(monkeypatch):
     import replicate.kernels.lrn_triton as lrn_triton
 

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 from replicate.kernels.mkl_dispatch import VML_FUNCTIONS
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAIN = 32768  # ATen's at::internal::GRAIN_SIZE: an elementwise op on fewer numbers runs on one thread
@@ -24,7 +25,7 @@ print(sorted({{(name, dtype) for name, dtype, _ in calls}}))
 print(max((numel for *_, numel in calls), default=0))
 """
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert result.returncode == 0, result.stderr
     called, largest = result.stdout.splitlines()

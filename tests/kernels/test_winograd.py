@@ -20,6 +20,7 @@ from replicate.kernels.winograd import (
     channels_last_view,
     winograd_matrices,
 )
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,7 +192,7 @@ def test_bench_winograd_smoke_mode_runs(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr
     forward, training = result.stdout.split("forward + backward (gradients of input, weights and bias")
