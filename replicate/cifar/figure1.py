@@ -14,6 +14,7 @@ no augmentation, no weight decay, no dropout.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -30,7 +31,7 @@ from replicate.cifar.net import CifarNet, CifarNetConfig, train_epoch
 from replicate.config import ConfigError, NonNegativeInt, Positive, Probability, Range, Section, to_dict
 from replicate.optim import PaperSGD
 from replicate.paper import load_claims
-from replicate.tracking import write_record
+from replicate.tracking import write_json, write_record
 
 NOT_REACHED = "not reached"
 
@@ -108,15 +109,49 @@ def epochs_of(run: dict) -> float:
     return run["epochs_to_threshold"] if run["epochs_to_threshold"] != NOT_REACHED else math.inf
 
 
-def search(images, labels, activation: str, lrs: list[float], config: Figure1Config) -> list[dict]:
+class Progress:
+    """The finished runs of `run_figure1` so far, kept in out_dir/figure1.partial.json after each run:
+    run again with the same config after an interruption, it reuses them, so at most the run in
+    progress is lost (a full-size Figure 1 takes hours on a CPU)."""
+
+    def __init__(self, config: Figure1Config):
+        self.path = Path(config.out_dir) / "figure1.partial.json"
+        self.config = json.loads(json.dumps(to_dict(config)))
+        self.runs: list[dict] = []
+        if self.path.is_file():
+            saved = json.loads(self.path.read_text())
+            if saved.get("config") == self.config:
+                self.runs = saved["runs"]
+                print(f"resuming: {len(self.runs)} finished run(s) from {self.path}")
+            else:
+                print(f"{self.path}: runs of another config, not reused")
+
+    def run(self, images, labels, activation: str, lr: float, seed: int, config: Figure1Config, limit: int):
+        """`train_until`'s record, from an earlier attempt if it made this run already."""
+        for run in self.runs:
+            if (run["activation"], run["lr"], run["seed"], run["epoch_limit"]) == (
+                activation,
+                lr,
+                seed,
+                limit,
+            ):
+                return run
+        started = time.perf_counter()
+        run = train_until(images, labels, activation, lr, seed, config, limit)
+        run["epoch_limit"], run["seconds"] = limit, time.perf_counter() - started
+        self.runs.append(run)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, {"config": self.config, "runs": self.runs})
+        return run
+
+
+def search(images, labels, activation: str, lrs: list[float], config: Figure1Config, progress: Progress):
     runs, best = [], math.inf
     for lr in lrs:
         limit = config.max_epochs if best == math.inf else int(best) - 1  # must beat the best to matter
         if limit < 1:
             break
-        started = time.perf_counter()
-        run = train_until(images, labels, activation, lr, 0, config, limit)
-        run["seconds"] = time.perf_counter() - started
+        run = progress.run(images, labels, activation, lr, 0, config, limit)
         runs.append(run)
         best = min(best, epochs_of(run))
         print(
@@ -140,11 +175,12 @@ def run_figure1(config: Figure1Config) -> dict:
         "runs": [],
         "activations": {},
     }
+    progress = Progress(config)
     for activation, lrs in (("relu", config.relu_lrs), ("tanh", config.tanh_lrs)):
-        runs = search(images, labels, activation, lrs, config)
+        runs = search(images, labels, activation, lrs, config, progress)
         best = min(runs, key=lambda r: (epochs_of(r), r["curve"][-1]))
         for seed in config.seeds[1:]:
-            run = train_until(images, labels, activation, best["lr"], seed, config, config.max_epochs)
+            run = progress.run(images, labels, activation, best["lr"], seed, config, config.max_epochs)
             print(f"{activation} lr={best['lr']:g} seed {seed}: {run['epochs_to_threshold']} epochs")
             runs.append(run)
         kept = [r for r in runs if r["lr"] == best["lr"]]
@@ -159,8 +195,9 @@ def run_figure1(config: Figure1Config) -> dict:
     numeric = NOT_REACHED not in (relu, tanh)
     record["tanh_over_relu"] = tanh / relu if numeric else NOT_REACHED
     record["paper_tanh_over_relu"] = load_claims()["figure1"]["tanh_over_relu_epochs"]
-    record["seconds"] = time.perf_counter() - started
+    record["seconds"] = time.perf_counter() - started  # this attempt's (a resumed run reuses earlier runs)
     save(record, Path(config.out_dir))
+    progress.path.unlink(missing_ok=True)
     return record
 
 

@@ -71,3 +71,40 @@ def test_a_short_figure1_run_records_epochs_to_threshold_or_not_reached(tmp_path
     never = json.loads((tmp_path / "never" / "figure1.json").read_text())
     assert never["activations"]["relu"]["epochs_to_threshold"] == ["not reached"]
     assert never["tanh_over_relu"] == "not reached"
+
+
+def test_an_interrupted_figure1_reuses_its_finished_runs(tmp_path, monkeypatch, capsys):
+    """Each finished run is kept in figure1.partial.json; run again with the same config, only the
+    runs not yet made train (here a stand-in for training, stopped by Ctrl-C in the third run)."""
+    from replicate.cifar import figure1
+
+    fake_data = (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long), "four blank images")
+    monkeypatch.setattr(figure1, "training_data", lambda config: fake_data)
+    made, stop_at = [], [3]
+
+    def train_until(images, labels, activation, lr, seed, config, limit):
+        if len(made) + 1 == stop_at[0]:
+            raise KeyboardInterrupt
+        made.append((activation, seed))
+        curve = [50.0, 20.0] if activation == "relu" else [60.0, 40.0, 24.0]
+        return {"activation": activation, "lr": lr, "seed": seed, "curve": curve, "diverged": False,
+                "epochs_to_threshold": len(curve)}  # fmt: skip
+
+    monkeypatch.setattr(figure1, "train_until", train_until)
+    config = Figure1Config(
+        relu_lrs=[0.004], tanh_lrs=[0.016], seeds=[0, 1], out_dir=str(tmp_path), device="cpu"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        figure1.run_figure1(config)
+    assert made == [("relu", 0), ("relu", 1)]
+    assert len(json.loads((tmp_path / "figure1.partial.json").read_text())["runs"]) == 2
+    stop_at[0] = 0  # no more interruptions
+    record = figure1.run_figure1(config)
+    assert "resuming: 2 finished run(s)" in capsys.readouterr().out
+    assert made == [("relu", 0), ("relu", 1), ("tanh", 0), ("tanh", 1)]  # each run made once
+    assert record["tanh_over_relu"] == 1.5 and len(record["runs"]) == 4
+    assert not (tmp_path / "figure1.partial.json").exists() and (tmp_path / "figure1.json").is_file()
+    # another config's partial runs are not reused
+    (tmp_path / "figure1.partial.json").write_text(json.dumps({"config": {"seeds": [0]}, "runs": []}))
+    figure1.run_figure1(config)
+    assert "runs of another config, not reused" in capsys.readouterr().out and len(made) == 8
