@@ -46,10 +46,14 @@ BENCH_LINES = {
     "fp32-triton-lrn": ["--precision", "fp32", "--lrn-kernel", "triton"],
     "bf16-cl-compile": ["--precision", "bf16", "--channels-last", "--compile"],
 }
+# The smoke sweep: 2 images per class, one epoch, on the plain torch paths a GPU takes by default
+# (on a CPU the default compiled kernels would be built anew in every process).
 SMOKE_SWEEP = [
     "data.limit_per_class=2", "data.batch_size=8", "data.workers=0", "train.epochs=1",
     "train.eval_batch_size=20", "train.final_views=[centre,ten_crop]",
+    "speed.lrn_kernel=torch", "speed.conv_algorithm=direct",
 ]  # fmt: skip
+SMOKE_BENCH = ["--smoke", "--lrn-kernel", "torch", "--conv-algorithm", "direct"]
 # Fixed costs the records cannot give (assumed, printed with the projection): the GPU tests, one bench
 # line (warm-up and compilation included), a run's start and end (network, loader, checkpoint), the report.
 ASSUMED_SECONDS = {"tests": 120, "bench line": 60, "run overhead": 8, "report": 60}
@@ -142,7 +146,7 @@ def steps(out: Path, smoke: bool) -> list[Step]:
                         "replicate",
                         "bench",
                         *flags,
-                        *(["--smoke"] if smoke else ["--steps", "10"]),
+                        *(SMOKE_BENCH if smoke else ["--steps", "10"]),
                     ]
                     + ["--json", str(out / "bench" / f"{name}.json")]
                 ],

@@ -44,8 +44,12 @@ def _section(title: str, made_by: str, body: str) -> str:
 def write_index(reports: Path, results: Path) -> Path:
     """reports/index.html from what lies in reports/{tables,figures,notebooks} and `results`."""
     reports.mkdir(parents=True, exist_ok=True)
-    parts = ["<h2>Tables</h2>"]
-    for csv in sorted((reports / "tables").glob("*.csv")):
+    none_yet = (
+        "<p>none yet: make replicate, make figure1, make lrn-cifar or make ablations, then make report</p>"
+    )
+    tables = sorted((reports / "tables").glob("*.csv"))
+    parts = ["<h2>Tables</h2>", "" if tables else none_yet]
+    for csv in tables:
         table = pd.read_csv(csv).to_html(index=False, na_rep="", border=0)
         formats = " ".join(
             f"<a href='{_link(csv.with_suffix(s), reports)}'>{s[1:]}</a>"
@@ -54,8 +58,9 @@ def write_index(reports: Path, results: Path) -> Path:
         )
         made_by = f"{REPORT}, from the runs of {SOURCES.get(csv.stem, 'the runs folder')}"
         parts.append(_section(csv.stem, made_by, f"<p>{formats}</p>{table}"))
-    parts.append("<h2>Figures</h2>")
-    for png in sorted((reports / "figures").glob("*.png")):
+    pngs = sorted((reports / "figures").glob("*.png"))
+    parts += ["<h2>Figures</h2>", "" if pngs else none_yet]
+    for png in pngs:
         made_by = f"{REPORT}, from the runs of {SOURCES.get(png.stem, 'the runs folder')}"
         link = _link(png, reports)
         parts.append(_section(png.stem, made_by, f"<a href='{link}'><img src='{link}' alt='{png.stem}'></a>"))

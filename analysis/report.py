@@ -209,7 +209,7 @@ def main() -> int:
         f"figures in {figures_dir()}: {', '.join(produced) or 'none'}; tables in {reports_dir() / 'tables'}"
     )
     committed = make_committed_figures()
-    print(f"the README's figures, from analysis/results/: {', '.join(map(str, committed)) or 'none'}")
+    print(f"the README's figures, from {results_dir()}: {', '.join(map(str, committed)) or 'none'}")
     print(f"the page: {write_index(reports_dir(), results_dir())}")
     return code
 

@@ -88,7 +88,7 @@ class SpeedConfig(Section):
         itself) and Winograd (direct under compile or fused_columns, which it cannot join); on a GPU:
         the torch LRN and cuDNN's algorithms (the Triton LRN is not yet measured faster there). Where
         torch.compile cannot build a kernel, `say` gets one line naming the reason and the plain path
-        taken. Probes the compiler once per process."""
+        taken (the probe tries the compiler on a few numbers)."""
         if AUTO not in (self.lrn_kernel, self.conv_algorithm):
             return self
         cpu = all(device.type == "cpu" for device in devices)

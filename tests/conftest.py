@@ -9,6 +9,10 @@ from PIL import Image
 # Every wait on a subprocess or a file it writes is a guard against a hang, never a timing test: far
 # above the slowest honest run on a 2-core CPU that another job keeps busy, with an empty compile cache.
 HANG_GUARD_S = 1800
+# The plain torch paths, for the end-to-end runs whose subject is not speed (training, resuming,
+# sweeps, DDP): the default fast paths on a CPU build their kernels with torch.compile in every new
+# process, minutes of a busy CI machine; tests/test_speed.py runs them end to end on their own.
+PLAIN_PATHS = ["speed.lrn_kernel=torch", "speed.conv_algorithm=direct"]
 
 
 def pytest_collection_modifyitems(config, items):

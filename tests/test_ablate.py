@@ -11,7 +11,7 @@ from replicate.config import ConfigError, read_yaml, to_dict
 from replicate.data.sources import MIRROR_DIR
 from replicate.experiment import load_experiment
 from replicate.paper import load_claims
-from tests.conftest import HANG_GUARD_S
+from tests.conftest import HANG_GUARD_S, PLAIN_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
 METADATA = {"name", "tracking.variant", "ablation.claim", "ablation.kind", "ablation.ensemble_size"}
@@ -57,7 +57,7 @@ def tiny_sweep(runs_dir: Path, *extra: str) -> list[str]:
         "--preset", "bundled", "--only", "no_lrn", "--seeds", "0",
         "data.limit_per_class=2", "data.batch_size=8", "data.workers=0", "train.epochs=2",
         "train.eval_batch_size=20", "train.log_every=1", "tracking.wandb=off", f"train.runs_dir={runs_dir}",
-        *extra,
+        *PLAIN_PATHS, *extra,
     ]  # fmt: skip
 
 

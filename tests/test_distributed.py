@@ -11,7 +11,7 @@ import torch
 
 from replicate.data.sources import MIRROR_DIR
 from replicate.model import AlexNet
-from tests.conftest import HANG_GUARD_S
+from tests.conftest import HANG_GUARD_S, PLAIN_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -35,6 +35,7 @@ SETTINGS = [
     "train.eval_batch_size=30",
     "train.final_views=[centre]",
     "tracking.wandb=off",
+    *PLAIN_PATHS,
 ]
 
 

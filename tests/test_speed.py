@@ -261,7 +261,7 @@ def test_auto_takes_the_fastest_path_that_can_run_on_each_device():
 
 @pytest.mark.slow
 def test_a_run_with_the_default_speed_options_trains_on_the_fast_cpu_paths(tmp_path):
-    code, out, err = train(tmp_path, "train.max_steps=2")
+    code, out, err = train(tmp_path, "train.max_steps=2", fast_paths=True)
     assert code == 0, err
     run = tmp_path / "baseline" / "seed0"
     assert (run / "evaluation.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
@@ -394,7 +394,7 @@ def test_the_compiled_kernels_without_a_compiler_are_a_clear_error(tmp_path):
     assert code != 0 and f"speed.conv_algorithm=winograd: {reason}" in err and "Traceback" not in err, err
     assert "set speed.conv_algorithm=direct" in err and not list((tmp_path / "runs").rglob("*.pt"))
     # by default (auto) a run takes the plain paths instead, saying so in one line
-    code, out, err = train(tmp_path / "auto", "train.max_steps=1", env=env)
+    code, out, err = train(tmp_path / "auto", "train.max_steps=1", env=env, fast_paths=True)
     assert code == 0, err
     fallback = [line for line in out.splitlines() if line.startswith("speed: the LRN as torch ops")]
     assert len(fallback) == 1 and "direct convolutions (Winograd: torch.compile could not" in fallback[0], out

@@ -17,7 +17,7 @@ import torch
 
 from replicate.checkpoints import WEIGHT_KEYS, read_checkpoint
 from replicate.data.sources import MIRROR_DIR
-from tests.conftest import HANG_GUARD_S
+from tests.conftest import HANG_GUARD_S, PLAIN_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -38,7 +38,8 @@ TINY = [
 ]
 
 
-def train(runs: Path, *overrides: str, wait: bool = True, env: dict | None = None):
+def train(runs: Path, *overrides: str, wait: bool = True, env: dict | None = None, fast_paths: bool = False):
+    """`train` on the TINY config, on the plain torch paths unless `fast_paths` (the defaults)."""
     command = [
         sys.executable,
         "-m",
@@ -46,6 +47,7 @@ def train(runs: Path, *overrides: str, wait: bool = True, env: dict | None = Non
         "train",
         "experiments/baseline.yaml",
         *TINY,
+        *([] if fast_paths else PLAIN_PATHS),
         f"train.runs_dir={runs}",
         *overrides,
     ]

@@ -128,13 +128,9 @@ class Progress:
 
     def run(self, images, labels, activation: str, lr: float, seed: int, config: Figure1Config, limit: int):
         """`train_until`'s record, from an earlier attempt if it made this run already."""
+        key = (activation, lr, seed, limit)
         for run in self.runs:
-            if (run["activation"], run["lr"], run["seed"], run["epoch_limit"]) == (
-                activation,
-                lr,
-                seed,
-                limit,
-            ):
+            if (run["activation"], run["lr"], run["seed"], run["epoch_limit"]) == key:
                 return run
         started = time.perf_counter()
         run = train_until(images, labels, activation, lr, seed, config, limit)
