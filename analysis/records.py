@@ -48,6 +48,14 @@ def _config(run_dir: Path) -> dict:
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
+def member_dir(ensemble_dir: Path, recorded: str) -> Path:
+    """An ensemble member's run folder: where its evaluation.json says, or, once the records were
+    moved (an evidence archive unpacked elsewhere), the folder of that name beside the ensemble's."""
+    path = Path(recorded)
+    moved = ensemble_dir.parent / path.parent.name / path.name
+    return moved if not path.is_dir() and moved.is_dir() else path
+
+
 def load_records(root: str | Path) -> pd.DataFrame:
     """One row per evaluation protocol of every finished run or ensemble under `root`."""
     rows = []
@@ -56,7 +64,7 @@ def load_records(root: str | Path) -> pd.DataFrame:
         if not finished(run_dir):
             continue
         evaluation = json.loads(evaluation_path.read_text())
-        members = [Path(member["dir"]) for member in evaluation.get("runs", [])]
+        members = [member_dir(run_dir, member["dir"]) for member in evaluation.get("runs", [])]
         if len(members) > 1:  # an ensemble (runs.evaluate_runs): its members' configs
             config = _config(members[0])
             name, seed, kind = run_dir.name, None, "ensemble"

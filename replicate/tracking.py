@@ -59,6 +59,10 @@ def wandb_choice(config: TrackingConfig) -> tuple[str, str]:
 
 
 def git_commit() -> str:
+    """HEAD's commit (`-dirty` if the tree has changes); in a source tree without git (an exported
+    copy), the commit the environment variable ALEXNET_COMMIT names, marked as such."""
+    if not (REPO_ROOT / ".git").exists() and os.environ.get("ALEXNET_COMMIT"):
+        return f"{os.environ['ALEXNET_COMMIT']} (ALEXNET_COMMIT: no git repository)"
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10

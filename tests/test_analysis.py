@@ -7,15 +7,20 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import time
 from html.parser import HTMLParser
 from pathlib import Path
+from unittest.mock import ANY
 
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-from analysis.evidence import projection
+from analysis.evidence import ARCHIVE, Step, finished_ok, projection, run_step
+from analysis.evidence import main as evidence_main
+from analysis.evidence import steps as evidence_steps
 from analysis.figures import colourfulness
 from analysis.index_page import COMMITTED
 from analysis.records import load_records
@@ -144,6 +149,20 @@ def test_ablation_table_pairs_seeds_and_says_not_run(records):
     assert table.loc["no PCA colour augmentation", "paper Δ top-1"] == "over +1"
 
 
+def test_records_moved_elsewhere_still_pool_the_ensemble_with_its_members(records, tmp_path_factory):
+    """An unpacked evidence archive: the ensemble's evaluation.json names its members' old folders."""
+    before = ablation_table(load_records(records)).set_index("comparison")
+    moved = tmp_path_factory.mktemp("moved") / "runs"
+    shutil.copytree(records, moved)
+    shutil.rmtree(records / "ablations-full")
+    rows = load_records(moved)
+    ensemble = rows[rows["kind"] == "ensemble"].iloc[0]
+    assert ensemble["experiment"].startswith("ensemble_5cnns of baseline (config ")  # found its members
+    after = ablation_table(rows).set_index("comparison")
+    assert after.loc["average of 5 CNNs instead of 1", "measured Δ top-1"] == "-3.00 (n=1, no CI)"
+    assert after.equals(before)
+
+
 def test_cifar_table_and_the_three_formats(records, tmp_path):
     lrn = {
         "dataset": "JPEG-compressed CIFAR-10",
@@ -232,21 +251,39 @@ def test_gpu_evidence_smoke_mode_runs_every_step_and_reports_every_figure_and_ta
         "seeds=[0]", f"out_dir={out / 'runs' / 'figure1'}",
     )  # fmt: skip
     assert figure1.returncode == 0, figure1.stderr
-    result = subprocess.run(
-        ["make", "gpu-evidence", "SMOKE=1", f"OUT={out}", f"PY={sys.executable}", "STAMP="],
-        cwd=ROOT,
-        env={**os.environ, "TQDM_DISABLE": "1", "ALEXNET_RESULTS": str(committed_results(tmp_path))},
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "projected from analysis/benchmarks/h100/fp32.json" in result.stdout
+    env = {**os.environ, "TQDM_DISABLE": "1", "ALEXNET_RESULTS": str(committed_results(tmp_path))}
+    results = [
+        subprocess.run(
+            [
+                "make",
+                "gpu-evidence",
+                "SMOKE=1",
+                f"OUT={out}",
+                f"PY={sys.executable}",
+                "STAMP=",
+                f"STEPS={steps}",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=HANG_GUARD_S,
+        )
+        for steps in ("tests,bench", "tests,sweep,report")  # two calls into one OUT
+    ]
+    for result in results:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "projected from analysis/benchmarks/h100/fp32.json" in result.stdout
+    assert "== gpu tests: done in an earlier call" in results[1].stdout
     record = json.loads((out / "evidence.json").read_text())
     steps = {step["step"]: step for step in record["steps"]}
-    assert steps["bench fp32-triton-lrn"] == {"step": "bench fp32-triton-lrn", "skipped": "needs a GPU"}
+    assert list(steps) == [step.name for step in evidence_steps(out, smoke=True)]  # every step, in order
+    assert steps["gpu tests"]["call"] == 1 and steps["report"]["call"] == 2 and len(record["calls"]) == 2
+    skipped = {"step": "bench fp32-triton-lrn", "skipped": "needs a GPU", "call": 1}
+    assert steps["bench fp32-triton-lrn"] == skipped
     assert all(code == 0 for step in steps.values() for code in step.get("exit_codes", []))
     assert len(steps["sweep, seeds side by side"]["exit_codes"]) == 2  # seeds 0 and 1, one process each
+    assert record["unfinished_runs"] == []
     assert "smoke: timings meaningless" in json.loads((out / "bench" / "fp32.json").read_text())["options"]
     reports = out / "report"
     figures = reports / "figures"
@@ -265,6 +302,74 @@ def test_gpu_evidence_smoke_mode_runs_every_step_and_reports_every_figure_and_ta
     linked = {path.name for path in page_links(reports / "index.html")}
     assert {f"{name}.png" for name in names} | {f"{name}.csv" for name in ("table1", "ablations")} <= linked
     assert set(executed) <= linked
+    # the archive to carry back: every record but the checkpoints, from which the tables come out again
+    with tarfile.open(out / ARCHIVE) as tar:
+        packed = tar.getnames()
+    assert not [name for name in packed if name.endswith(".pt")] and list((out / "runs").rglob("*.pt"))
+    assert {"evidence.json", "report/tables/ablations.csv", "bench/fp32.json"} <= set(packed)
+    unpacked = tmp_path / "unpacked"
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis.evidence", str(unpacked), "--unpack", str(out / ARCHIVE)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert result.returncode == 0, result.stderr
+    again = ablation_table(load_records(unpacked / "runs")).set_index("comparison")
+    assert again.loc["no local response normalisation", "measured Δ top-1"] == measured["measured Δ top-1"]
+
+
+def test_a_step_still_running_when_the_time_runs_out_is_stopped_as_ctrl_c_stops_it(tmp_path):
+    """--minutes: SIGINT at the deadline, as a training run expects it (it saves a checkpoint)."""
+    script = (
+        "import pathlib, signal, sys, time\n"
+        "def saved(*_):\n"
+        "    pathlib.Path(sys.argv[1]).write_text('saved')\n"
+        "    raise SystemExit(130)\n"
+        "signal.signal(signal.SIGINT, saved)\n"
+        "pathlib.Path(sys.argv[1] + '.started').touch()\n"
+        "time.sleep(600)\n"
+    )
+    marks = [tmp_path / f"run{k}" for k in range(2)]
+    step = Step("sweep, seeds side by side", "sweep", [[sys.executable, "-c", script, str(m)] for m in marks])
+    started = time.monotonic()
+    record = run_step(step, tmp_path, gpu=False, deadline=time.monotonic() + 3)
+    assert time.monotonic() - started < HANG_GUARD_S
+    assert all(m.with_name(m.name + ".started").exists() for m in marks)  # the deadline let them start
+    assert [m.read_text() for m in marks] == ["saved", "saved"] and record["exit_codes"] == [130, 130]
+    assert record["stopped"].startswith("by the time limit") and not finished_ok(record)
+
+
+def test_gpu_evidence_out_of_time_skips_the_work_still_packs_and_asks_to_be_called_again(tmp_path):
+    out = tmp_path / "out"
+    code = evidence_main([str(out), "--smoke", "--steps", "bench", "--minutes", "0.001"])
+    record = json.loads((out / "evidence.json").read_text())
+    assert code == 3 and record["calls"] == [{"steps": ["bench"], "minutes": 0.001, "seconds": ANY}]
+    assert [s["skipped"] for s in record["steps"]] == ["out of time (--minutes)"] * len(record["steps"]) != []
+    with tarfile.open(out / ARCHIVE) as tar:
+        assert "evidence.json" in tar.getnames()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "tests,benhc"], "--steps: no step 'benhc'"),
+        (["--minutes", "0"], "--minutes must be positive"),
+        (["--unpack", "missing.tar.gz"], "missing.tar.gz: no such archive"),
+    ],
+)
+def test_gpu_evidence_refuses_a_bad_argument_naming_it(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        evidence_main([str(tmp_path / "out"), "--smoke", *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_evidence_does_not_continue_another_kind_of_evidence_in_one_folder(tmp_path, capsys):
+    (tmp_path / "evidence.json").write_text(json.dumps({"smoke": False, "steps": []}))
+    with pytest.raises(SystemExit):
+        evidence_main([str(tmp_path), "--smoke", "--steps", "bench"])
+    assert "holds a full evidence run: give another folder" in capsys.readouterr().err
 
 
 def test_gpu_evidence_without_a_gpu_asks_for_smoke_mode(tmp_path):

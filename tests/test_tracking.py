@@ -1,5 +1,6 @@
 import pytest
 
+from replicate import tracking
 from replicate.config import ConfigError
 from replicate.experiment import ExperimentConfig
 from replicate.tracking import TrackingConfig, wandb_choice
@@ -39,3 +40,11 @@ def test_auto_says_which_mode_it_chose_and_why(tmp_path, no_wandb_login, monkeyp
         "machine api.wandb.ai\n  login user\n  password " + "1" * 40 + "\n"
     )
     assert wandb_choice(auto)[0] == "online"
+
+
+def test_a_source_tree_without_git_names_the_commit_alexnet_commit_gives(monkeypatch, tmp_path):
+    monkeypatch.setattr(tracking, "REPO_ROOT", tmp_path)  # an exported copy: no .git
+    monkeypatch.setenv("ALEXNET_COMMIT", "e11b29f")
+    assert tracking.git_commit() == "e11b29f (ALEXNET_COMMIT: no git repository)"
+    monkeypatch.delenv("ALEXNET_COMMIT")
+    assert tracking.git_commit() == "unknown"
