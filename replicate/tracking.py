@@ -75,8 +75,23 @@ def git_commit() -> str:
     return (commit or "unknown") + ("-dirty" if dirty else "")
 
 
+def processor() -> str:
+    """The CPU a record was made on: its model, logical cores, and the vector instructions PyTorch's
+    kernels use on it. CPU figures (speed, and the rounding a run's trajectory follows) differ between
+    machines, even of one size (BENCHMARKS.md)."""
+    import torch
+
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}; {os.cpu_count()} logical cores; {torch.backends.cpu.get_cpu_capability()}"
+
+
 def environment(devices: list[str]) -> dict[str, Any]:
-    """Versions, commit and devices: what is needed to reproduce a run (no environment variables)."""
+    """Versions, commit, processor and devices: what is needed to reproduce a run (no environment
+    variables)."""
     import numpy
     import torch
     import torchvision
@@ -84,6 +99,7 @@ def environment(devices: list[str]) -> dict[str, Any]:
     info = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "processor": processor(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "numpy": numpy.__version__,

@@ -24,6 +24,7 @@ from analysis.evidence import steps as evidence_steps
 from analysis.figures import colourfulness
 from analysis.index_page import COMMITTED
 from analysis.records import load_records
+from analysis.report import main as report_main
 from analysis.stats import mean_ci, paired_deltas
 from analysis.tables import ablation_table, all_tables, cifar_table, latex, paper_table, write_table
 from replicate.data.sources import MIRROR_DIR
@@ -237,6 +238,22 @@ def test_report_redraws_the_readme_figures_and_writes_its_page_with_no_runs(tmp_
     assert set(readme) <= linked  # each redrawn from its records, and linked
     for name in readme:
         assert COMMITTED[name].split(" (")[0] in page.read_text()
+
+
+def test_report_without_nbclient_says_what_is_missing_and_still_writes_the_figures_and_page(
+    tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "runs" / "run").mkdir(parents=True)
+    (tmp_path / "runs" / "run" / "evaluation.json").write_text("{}")  # a run: the notebooks would run
+    monkeypatch.setenv("ALEXNET_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("ALEXNET_REPORTS", str(tmp_path / "reports"))
+    monkeypatch.setenv("ALEXNET_RESULTS", str(committed_results(tmp_path)))
+    monkeypatch.setitem(sys.modules, "nbclient", None)  # as in an environment without it
+    assert report_main() == 1
+    out, err = capsys.readouterr()
+    assert "notebooks (every table and figure of the runs) not executed: nbclient is not installed" in err
+    assert (tmp_path / "results" / "replicate-bundled" / "seed0" / "learning_curve.png").is_file()
+    page_links(tmp_path / "reports" / "index.html")  # written, linking only to files that exist
 
 
 @pytest.mark.slow

@@ -1,4 +1,7 @@
+import os
+
 import pytest
+import torch
 
 from replicate import tracking
 from replicate.config import ConfigError
@@ -48,3 +51,9 @@ def test_a_source_tree_without_git_names_the_commit_alexnet_commit_gives(monkeyp
     assert tracking.git_commit() == "e11b29f (ALEXNET_COMMIT: no git repository)"
     monkeypatch.delenv("ALEXNET_COMMIT")
     assert tracking.git_commit() == "unknown"
+
+
+def test_the_processor_names_its_model_cores_and_vector_instructions():
+    name, cores, capability = tracking.processor().rsplit("; ", 2)
+    assert name and cores == f"{os.cpu_count()} logical cores"
+    assert capability == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512: kernels differ

@@ -17,6 +17,7 @@ import torch
 
 from replicate.checkpoints import WEIGHT_KEYS, read_checkpoint
 from replicate.data.sources import MIRROR_DIR
+from replicate.tracking import processor
 from tests.conftest import HANG_GUARD_S, PLAIN_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,6 +317,7 @@ def test_views_cut_on_the_device_train_the_same_weights_as_views_cut_in_workers(
     for name, where in (("workers", "in the loader workers"), ("device", "on the device")):
         environment = json.loads((tmp_path / name / "baseline" / "seed0" / "environment.json").read_text())
         assert environment["training_views_cut"] == where  # what augment_on=auto chose is recorded too
+        assert environment["processor"] == processor()  # a CPU run's rounding depends on the processor
 
 
 def test_a_jpeg_store_decoded_on_the_device_trains_the_same_weights_as_decoded_in_workers(tmp_path):

@@ -7,12 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from pathlib import Path
 
-import torch
-
-from replicate.tracking import git_commit, write_json
+from replicate.tracking import git_commit, processor, write_json
 
 # The contenders, as bench records name them; per-column is the training default (fused_columns off).
 TORCHVISION, FUSED, PER_COLUMN = "torchvision alexnet", "replicate (fused)", "replicate (per-column)"
@@ -24,17 +21,6 @@ BENCH_REPORT_KEYS = (*BENCH_KEYS, "macs")
 DATA_KEYS = ("workers",)
 
 
-def processor() -> str:
-    """The CPU a record was made on: its model, logical cores, and the vector instructions PyTorch's
-    kernels use on it. CPU figures differ between machines, even of one size (BENCHMARKS.md)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}; {os.cpu_count()} logical cores; {torch.backends.cpu.get_cpu_capability()}"
-
-
 def origin() -> dict[str, str]:
     """What a record says of where it was made: the processor and the code's commit."""
     return {"processor": processor(), "commit": git_commit()}
@@ -43,8 +29,8 @@ def origin() -> dict[str, str]:
 def origin_line(record: dict) -> str:
     """The report's line naming where the record was made: the processor and the code's commit
     (the H100 records name neither: they were made at commit 73e1977)."""
-    processor, commit = record.get("processor", "not recorded"), record.get("commit", "not recorded")
-    return f"processor: {processor}; commit: {commit}"
+    made_on, commit = record.get("processor", "not recorded"), record.get("commit", "not recorded")
+    return f"processor: {made_on}; commit: {commit}"
 
 
 class RecordError(ValueError):
