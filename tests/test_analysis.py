@@ -250,7 +250,7 @@ def test_report_without_nbclient_says_what_is_missing_and_still_writes_the_figur
     monkeypatch.setenv("ALEXNET_RESULTS", str(committed_results(tmp_path)))
     monkeypatch.setitem(sys.modules, "nbclient", None)  # as in an environment without it
     assert report_main() == 1
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert "notebooks (every table and figure of the runs) not executed: nbclient is not installed" in err
     assert (tmp_path / "results" / "replicate-bundled" / "seed0" / "learning_curve.png").is_file()
     page_links(tmp_path / "reports" / "index.html")  # written, linking only to files that exist
