@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from replicate.data.sources import MIRROR_DIR
+
 # Every wait on a subprocess or a file it writes is a guard against a hang, never a timing test: far
 # above the slowest honest run on a 2-core CPU that another job keeps busy, with an empty compile cache.
 HANG_GUARD_S = 1800
@@ -13,6 +15,8 @@ HANG_GUARD_S = 1800
 # sweeps, DDP): the default fast paths on a CPU build their kernels with torch.compile in every new
 # process, minutes of a busy CI machine; tests/test_speed.py runs them end to end on their own.
 PLAIN_PATHS = ["speed.lrn_kernel=torch", "speed.conv_algorithm=direct"]
+# The bundled data: a test that prepares it skips in a checkout without the mirror beside it.
+needs_mirror = pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -25,7 +25,7 @@ from replicate.speed import (
     set_precision,
     use_lrn_kernel,
 )
-from tests.conftest import HANG_GUARD_S, write_image_tree
+from tests.conftest import HANG_GUARD_S, needs_mirror, write_image_tree
 from tests.test_train import train
 
 
@@ -226,6 +226,7 @@ def test_gpu_paths_against_the_cpu_reference(precision):
 
 
 @pytest.mark.slow
+@needs_mirror
 def test_a_run_with_every_speed_option_trains_and_evaluates(tmp_path):
     code, out, err = train(
         tmp_path,
@@ -260,6 +261,7 @@ def test_auto_takes_the_fastest_path_that_can_run_on_each_device():
 
 
 @pytest.mark.slow
+@needs_mirror
 def test_a_run_with_the_default_speed_options_trains_on_the_fast_cpu_paths(tmp_path):
     code, out, err = train(tmp_path, "train.max_steps=2", fast_paths=True)
     assert code == 0, err
@@ -350,6 +352,7 @@ def test_kept_freed_memory_is_reused_without_new_page_faults():
 
 
 @pytest.mark.slow
+@needs_mirror
 def test_the_compiled_kernels_without_a_compiler_are_a_clear_error(tmp_path):
     """Where torch.compile cannot build the LRN's kernels or Winograd's transforms (here: no C++
     compiler, and a cache of its own so that no earlier build is reused), `bench`, `bench-winograd`
