@@ -8,10 +8,9 @@ import pytest
 
 from replicate.ablate import ablation_files, preset_overrides
 from replicate.config import ConfigError, read_yaml, to_dict
-from replicate.data.sources import MIRROR_DIR
 from replicate.experiment import load_experiment
 from replicate.paper import load_claims
-from tests.conftest import HANG_GUARD_S, PLAIN_PATHS
+from tests.conftest import HANG_GUARD_S, PLAIN_PATHS, needs_mirror
 
 ROOT = Path(__file__).resolve().parents[1]
 METADATA = {"name", "tracking.variant", "ablation.claim", "ablation.kind", "ablation.ensemble_size"}
@@ -62,7 +61,7 @@ def tiny_sweep(runs_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout")
+@needs_mirror
 def test_the_runner_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path):
     command = tiny_sweep(tmp_path, "train.checkpoint_every=1", "train.final_views=[centre]")
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

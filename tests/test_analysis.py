@@ -27,9 +27,8 @@ from analysis.records import load_records
 from analysis.report import main as report_main
 from analysis.stats import mean_ci, paired_deltas
 from analysis.tables import ablation_table, all_tables, cifar_table, latex, paper_table, write_table
-from replicate.data.sources import MIRROR_DIR
 from tests.cifar.test_figure1 import figure1 as run_figure1
-from tests.conftest import HANG_GUARD_S
+from tests.conftest import HANG_GUARD_S, needs_mirror
 
 ROOT = Path(__file__).resolve().parents[1]
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student's t quantiles, df = n - 1
@@ -257,7 +256,7 @@ def test_report_without_nbclient_says_what_is_missing_and_still_writes_the_figur
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout")
+@needs_mirror
 def test_gpu_evidence_smoke_mode_runs_every_step_and_reports_every_figure_and_table(tmp_path):
     """`make gpu-evidence SMOKE=1` on the CPU: the GPU tests (skipped here), `bench --smoke`, a sweep
     of two seeds side by side on 2 images per class, and `make report` on it; with a tiny Figure 1

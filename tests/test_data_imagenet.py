@@ -10,11 +10,7 @@ from replicate.data.imagenet import ILSVRC_FILES, class_names, ilsvrc_split, ima
 from replicate.data.loader import DataConfig, source_split
 from replicate.data.sources import MIRROR_DIR, DataError
 from replicate.data.store import load_rgb
-from tests.conftest import encode, write_image_tree
-
-needs_bundled = pytest.mark.skipif(
-    not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout"
-)
+from tests.conftest import encode, needs_mirror, write_image_tree
 
 # ILSVRC ids are not in sorted-wnid order in the devkit: the mapping must go through the wnid.
 SYNSETS = [
@@ -157,7 +153,7 @@ def test_an_ilsvrc2012_tree_must_hold_the_1000_classes(tmp_path):
         ilsvrc_split(tmp_path, "train")
 
 
-@needs_bundled
+@needs_mirror
 def test_bundled_imagenette_has_the_documented_counts_and_classes():
     config = DataConfig()
     train = source_split(config, "train")
@@ -168,7 +164,7 @@ def test_bundled_imagenette_has_the_documented_counts_and_classes():
     assert class_names(train.classes)[:3] == ["tench", "English springer", "cassette player"]
 
 
-@needs_bundled
+@needs_mirror
 def test_every_bundled_full_size_photo_decodes_to_256(tmp_path):
     with tarfile.open(MIRROR_DIR / "imagenet-samples-200.tar") as tar:
         members = [m for m in tar.getmembers() if m.isfile()]

@@ -12,12 +12,12 @@ import pytest
 from replicate.cifar.data import read_python_batches
 from replicate.data import sources
 from replicate.data.sources import DataError, Download, bundled_or_download, find_bundled, safe_extract
+from tests.conftest import needs_mirror
 
 BUNDLED = sources.MIRROR_DIR
-needs_bundled = pytest.mark.skipif(not BUNDLED.is_dir(), reason="needs the data mirror beside the checkout")
 
 
-@needs_bundled
+@needs_mirror
 def test_bundled_files_are_found_and_verified():
     assert find_bundled("ilsvrc2012-classes.tsv") == BUNDLED / "ilsvrc2012-classes.tsv"
 
@@ -84,7 +84,7 @@ def local_server(tmp_path):
     server.shutdown()
 
 
-@needs_bundled
+@needs_mirror
 def test_download_verifies_md5_and_extracts(local_server, tmp_path, monkeypatch):
     served, url = local_server
     archive = served / "cifar-10-python.tar.gz"
@@ -99,7 +99,7 @@ def test_download_verifies_md5_and_extracts(local_server, tmp_path, monkeypatch)
     assert (tmp_path / "cache" / "downloads" / "cifar-10-python.tar.gz").is_file()
 
 
-@needs_bundled
+@needs_mirror
 def test_download_with_a_wrong_checksum_keeps_nothing(local_server, tmp_path, monkeypatch):
     served, url = local_server
     shutil.copy(BUNDLED / "ilsvrc2012-classes.tsv", served / "file.tgz")

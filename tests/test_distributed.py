@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from replicate.data.sources import MIRROR_DIR
 from replicate.model import AlexNet
-from tests.conftest import HANG_GUARD_S, PLAIN_PATHS
+from tests.conftest import HANG_GUARD_S, PLAIN_PATHS, needs_mirror
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout"),
+    needs_mirror,
 ]
 
 # Dropout off: its masks are drawn per process, so 1 and 2 processes would draw different ones.

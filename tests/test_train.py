@@ -16,14 +16,13 @@ import pytest
 import torch
 
 from replicate.checkpoints import WEIGHT_KEYS, read_checkpoint
-from replicate.data.sources import MIRROR_DIR
 from replicate.tracking import processor
-from tests.conftest import HANG_GUARD_S, PLAIN_PATHS
+from tests.conftest import HANG_GUARD_S, PLAIN_PATHS, needs_mirror
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout"),
+    needs_mirror,
 ]
 
 TINY = [

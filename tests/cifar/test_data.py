@@ -6,10 +6,7 @@ import pytest
 
 from replicate.cifar.data import load_cifar10, read_python_batches
 from replicate.data.sources import MIRROR_DIR, DataError
-
-needs_bundled = pytest.mark.skipif(
-    not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout"
-)
+from tests.conftest import needs_mirror
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +17,7 @@ def exact_test_batch(tmp_path_factory):
     return read_python_batches(folder / "cifar-10-batches-py", ["test_batch"], complete=False)
 
 
-@needs_bundled
+@needs_mirror
 @pytest.mark.slow
 def test_bundled_jpeg_cifar10_has_every_image_in_the_original_order(exact_test_batch):
     train = load_cifar10("train")
@@ -38,7 +35,7 @@ def test_bundled_jpeg_cifar10_has_every_image_in_the_original_order(exact_test_b
     assert psnr.min() >= 23 and 29 < psnr.mean() < 32  # the README's figures: lossy, but the same images
 
 
-@needs_bundled
+@needs_mirror
 def test_exact_subset_swaps_in_the_original_pixels(exact_test_batch):
     test = load_cifar10("test", exact_subset=True)
     exact_images, _ = exact_test_batch

@@ -10,8 +10,7 @@ import torch
 from replicate.cifar.figure1 import Figure1Config
 from replicate.cifar.net import CifarNet, CifarNetConfig
 from replicate.config import ConfigError
-from replicate.data.sources import MIRROR_DIR
-from tests.conftest import HANG_GUARD_S
+from tests.conftest import HANG_GUARD_S, needs_mirror
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +45,7 @@ def figure1(*overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout")
+@needs_mirror
 def test_a_short_figure1_run_records_epochs_to_threshold_or_not_reached(tmp_path):
     result = figure1(
         "train_images=512", "max_epochs=2", "relu_lrs=[0.004]", "tanh_lrs=[0.008, 0.004]", "threshold=99",

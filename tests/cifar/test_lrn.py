@@ -9,8 +9,7 @@ import torch
 
 from replicate.cifar.lrn import LrnCifarConfig
 from replicate.config import ConfigError
-from replicate.data.sources import MIRROR_DIR
-from tests.conftest import HANG_GUARD_S
+from tests.conftest import HANG_GUARD_S, needs_mirror
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +20,7 @@ def test_bad_settings_are_named():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout")
+@needs_mirror
 def test_a_short_run_records_both_arms_the_difference_and_the_paper(tmp_path):
     command = [sys.executable, "-m", "replicate", "lrn-cifar", "experiments/cifar10/lrn.yaml"]
     small = ["train_images=256", "test_images=200", "epochs=2", "lr_drop_epochs=[1]", "seeds=[0, 1]"]
