@@ -92,16 +92,17 @@ def processor() -> str:
 def environment(devices: list[str]) -> dict[str, Any]:
     """Versions, commit, processor and devices: what is needed to reproduce a run (no environment
     variables)."""
+    from importlib.metadata import version
+
     import numpy
     import torch
-    import torchvision
 
     info = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "processor": processor(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": version("torchvision"),  # not imported: seconds, for one string
         "numpy": numpy.__version__,
         "git_commit": git_commit(),
         "devices": devices,

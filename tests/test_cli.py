@@ -91,6 +91,7 @@ def test_bench_smoke_mode_runs_and_counts_multiply_adds(tmp_path):
     assert result.returncode == 0, result.stderr
     options = json.loads(saved_at.read_text())["options"]  # the options given
     assert "channels_last True" in options and "lrn_kernel torch; conv_algorithm direct" in options
+    assert "ours (compiled)" not in result.stdout  # the LRN is timed on the kernel the networks run
     assert [path.name for path in saved_at.parent.iterdir()] == ["bench.json"]  # no .partial left
     assert "replicate AlexNet: 0.724 G multiply-adds" in result.stdout
     assert "torchvision alexnet: 0.714 G multiply-adds" in result.stdout

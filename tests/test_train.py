@@ -236,12 +236,14 @@ def test_wandb_offline_logs_the_run_and_never_writes_the_api_key(tmp_path):
 
 
 def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
-    """`make replicate`'s two commands: the pipeline, then the table of the run beside the paper."""
+    """`make replicate`'s two commands: the pipeline, then the table of the run beside the paper (on
+    the plain paths: tests/test_speed.py trains on the default fast ones)."""
     command = [
         sys.executable,
         "-m",
         "replicate",
         "replicate",
+        *PLAIN_PATHS,
         "data.limit_per_class=2",
         "data.batch_size=8",
         "data.workers=0",

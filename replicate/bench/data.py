@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from torchvision import datasets
-from torchvision import transforms as T
 
 from replicate.bench import records as bench_records
 from replicate.bench.arguments import whole_number
@@ -122,6 +120,9 @@ def steady_rate(
 
 
 def run(workers: int, repeats: int, epochs: int, limit: int, batch_size: int, steady: int = 0) -> dict:
+    from torchvision import datasets  # here, not on import: seconds for every CLI command
+    from torchvision import transforms as T
+
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         root = photo_tree(workdir, limit)

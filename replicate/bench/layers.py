@@ -18,7 +18,7 @@ from torch import nn
 
 from replicate.lrn import ResponseNorm, reference_response_norm
 from replicate.pool import MaxPool
-from replicate.speed import Precision, SpeedConfig, autocast, memory_format, use_lrn_kernel
+from replicate.speed import Precision, autocast, memory_format, use_lrn_kernel
 
 
 def timed(function, device: torch.device) -> float:
@@ -36,12 +36,14 @@ def _forward_backward(layer, inputs: torch.Tensor, upstream: torch.Tensor, param
     torch.autograd.grad(layer(inputs), wrt, upstream)
 
 
-def layer_times(device: torch.device, batch: int, repeats: int, channels_last: bool) -> dict:
+def layer_times(
+    device: torch.device, batch: int, repeats: int, channels_last: bool, lrn_kernel: str = "torch"
+) -> dict:
     """Forward + backward milliseconds of one column's LRN layers (§3.3) and max-pooling layers
     (§3.4), ours against torch's own, alternating: `ResponseNorm` (its own autograd function) vs
     `F.local_response_norm` computing the same rule, and `MaxPool` (channels-last inside on the
-    CPU) vs `nn.MaxPool2d`; also the LRN as torch.compile's fused kernels where it can build them, and
-    on a GPU with Triton the hand-written kernels (`lrn_triton`)."""
+    CPU) vs `nn.MaxPool2d`; also the LRN on the kernel the networks run (`lrn_kernel`, resolved):
+    torch.compile's fused kernels, or on a GPU the hand-written Triton ones (`lrn_triton`)."""
     norm = ResponseNorm()
     pairs = {
         "lrn": {
@@ -52,11 +54,9 @@ def layer_times(device: torch.device, batch: int, repeats: int, channels_last: b
         },
         "pool": {"ours": MaxPool(3, 2), "torch nn.MaxPool2d": nn.MaxPool2d(3, 2)},
     }
-    for kernel in ("compiled", "triton"):
-        if SpeedConfig(lrn_kernel=kernel).unavailable_reason([device]) is None:
-            if kernel == "compiled" or not channels_last:  # the Triton kernels take NCHW maps
-                pairs["lrn"][f"ours ({kernel})"] = ResponseNorm()
-                use_lrn_kernel(pairs["lrn"][f"ours ({kernel})"], kernel)
+    if lrn_kernel == "compiled" or (lrn_kernel == "triton" and not channels_last):  # Triton's: NCHW maps
+        pairs["lrn"][f"ours ({lrn_kernel})"] = ResponseNorm()
+        use_lrn_kernel(pairs["lrn"][f"ours ({lrn_kernel})"], lrn_kernel)
     shapes = {  # one column's maps where each layer reads them (a 224 x 224 input)
         "lrn": {"lrn1": (48, 55), "lrn2": (128, 27)},
         "pool": {"pool1": (48, 55), "pool2": (128, 27), "pool5": (128, 13)},

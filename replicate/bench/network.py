@@ -21,7 +21,6 @@ from typing import get_args
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import alexnet
 
 from replicate import devices
 from replicate.bench import records as bench_records
@@ -80,6 +79,8 @@ def multiply_adds(model: nn.Module, side: int = 224) -> int:
 def contenders(device: torch.device, speed: SpeedConfig) -> dict[str, tuple[nn.Module, nn.Module]]:
     """name -> (module, what to call: the same module, or its compiled wrapper). This repo's nets are
     built by `build_network`, as training builds them; torchvision's takes the layout and compile."""
+    from torchvision.models import alexnet  # here, not on import: seconds for every CLI command
+
     torch.manual_seed(0)
     fused = replace(speed, fused_columns=True, conv_algorithm="direct")  # it calls F.conv2d itself
     models = {
@@ -160,7 +161,7 @@ def run(
             print(f"--- profile: {name}, {steps} training step(s) ---")
             print(profiler.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
     return {
-        **layer_times(device, batch, repeats, options.channels_last),
+        **layer_times(device, batch, repeats, options.channels_last, options.lrn_kernel),
         # the fused path's convolutions are no modules of their own (F.conv2d on the columns' weights)
         "matrix_layers": matrix_layer_times(
             {name: models[name][0] for name in (TORCHVISION, PER_COLUMN)}, images, repeats, options.precision
@@ -211,7 +212,7 @@ def report(result: dict, saved: bool = False) -> str:
     for kind in ("lrn", "pool"):  # the H100 records have neither
         for layer, times in result.get(kind, {}).items():
             reference = next(name for name in times if name.startswith("torch"))
-            # ours, ours (compiled) and on a GPU ours (triton), each against torch's
+            # ours, and ours on the networks' kernel (compiled, triton), each against torch's
             for mine in (name for name in times if name != reference):
                 speedups = [b / a for a, b in zip(times[mine], times[reference], strict=True)]
                 medians = {

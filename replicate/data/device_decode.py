@@ -16,19 +16,16 @@ import torch
 from replicate.config import ConfigError
 from replicate.data.sources import DataError
 
-try:
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # a torchvision after its image decoding's removal (deprecated in 0.29)
-    decode_jpeg = None
-
 
 def decode_batch(encoded: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor:
     """uint8 B x S x S x 3 images on `device` (HWC, as `ImageStore.images` returns them)."""
-    if decode_jpeg is None:
+    try:  # here, not on import: torchvision's import costs every command seconds
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:  # a torchvision after its image decoding's removal (deprecated in 0.29)
         raise ConfigError(
             "data.decode_on=device needs torchvision.io.decode_jpeg (torchvision 0.19 to 0.29 at least); "
             "this torchvision has none: use data.decode_on=workers"
-        )
+        ) from None
     device = torch.device(device)
     pieces = list(torch.split(encoded["jpeg"], encoded["sizes"].tolist()))
     try:

@@ -14,9 +14,6 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchvision.datasets import CIFAR10, Imagenette
-from torchvision.datasets.utils import check_integrity, download_url
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A mirror of the project's data files beside the checkout (shared/data next to it), used when present.
 MIRROR_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -41,11 +38,17 @@ BUNDLED_SHA256 = {
     "cifar-10-subset-python.tar.gz": "23e1a55233feb0192e28ccb78f552fc551f039b2fdd307272cac20300f6fe0a3",
     "ilsvrc2012-classes.tsv": "c106702a21c2efe941d3002bed05d7231fdeea34e37f6a1b058678a2e0911c51",
 }
+# Written out rather than read off torchvision.datasets, whose import costs every command seconds;
+# tests/test_data_sources.py checks them against torchvision's.
 OFFICIAL = {
     # fastai's Imagenette v2, 320 px shorter side, as torchvision.datasets.Imagenette fetches it.
-    "imagenette": Download(*Imagenette._ARCHIVES["320px"]),
+    "imagenette": Download(
+        "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz", "3df6f0d01a2c9592104656642f5e78a3"
+    ),
     # The original CIFAR-10 python batches (exact pixels), as torchvision.datasets.CIFAR10 fetches them.
-    "cifar10": Download(CIFAR10.url, CIFAR10.tgz_md5),
+    "cifar10": Download(
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
+    ),
 }
 IMAGENET_HELP = (
     "ImageNet cannot be downloaded automatically: register at https://image-net.org, download "
@@ -104,7 +107,9 @@ def find_bundled(name: str, explicit: str | Path | None = None) -> Path | None:
 
 def download(source: Download, destination: Path) -> Path:
     """Fetch `source` to `destination` with torchvision's downloader, kept only if its md5 matches."""
-    if check_integrity(str(destination), source.md5):
+    from torchvision.datasets.utils import download_url
+
+    if destination.is_file() and file_digest(destination, "md5") == source.md5:
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -172,7 +177,7 @@ def bundled_or_download(
     copies = [folder / name for folder in search_dirs(explicit) if (folder / name).is_file()]
     if copies:
         archive = copies[0]
-        if not check_integrity(str(archive), source.md5):
+        if file_digest(archive, "md5") != source.md5:
             raise DataError(
                 f"{archive}: md5 does not match the published {source.md5}; corrupt or another version"
             )
