@@ -16,16 +16,18 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # pytest-xdist's worker processes for `make test` (0: none, in this process). Two suit a 2-core CPU:
-# much of the suite's time is one core compiling or waiting on a subprocess.
+# much of the suite's time is one core compiling or waiting on a subprocess. loadgroup: the tests of
+# one xdist_group run on one worker, in order (tests/test_speed.py's, which share compiled kernels).
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
 
 # Every test (CI runs this).
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The unit tests only, for the edit-test loop: no test marked slow (end-to-end runs, notebooks).
 test-fast: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # The modules whose tests need a GPU (skipped without one), with every skip's reason printed, and the
 # CIFAR-10 ones, whose runs take the GPU when there is one (device: auto).
