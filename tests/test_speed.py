@@ -38,7 +38,7 @@ TEN_CROP_ONLY = "train.final_views=[ten_crop]"
 # built, instead of building them all at once on both: minutes of a 2-core CPU.
 FAST_BATCH = 10
 SAME_FAST_KERNELS = pytest.mark.xdist_group("cpu-fast-path-kernels")
-SAME_SHAPES = [
+FAST_KERNELS_RUN = [
     f"data.batch_size={FAST_BATCH}",
     "train.eval_batch_size=1",
     "train.deterministic=false",
@@ -293,7 +293,7 @@ def test_auto_takes_the_fastest_path_that_can_run_on_each_device():
 @needs_mirror
 @SAME_FAST_KERNELS
 def test_a_run_with_the_default_speed_options_trains_on_the_fast_cpu_paths(tmp_path):
-    code, out, err = train(tmp_path, *SAME_SHAPES, fast_paths=True)
+    code, out, err = train(tmp_path, *FAST_KERNELS_RUN, fast_paths=True)
     assert code == 0, err
     run = tmp_path / "baseline" / "seed0"
     assert ten_crop_evaluated(run) and (run / "checkpoints" / "last.pt").is_file()
