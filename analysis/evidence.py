@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,10 +193,22 @@ def steps(out: Path, smoke: bool) -> list[Step]:
     ]
 
 
-def run_step(step: Step, logs: Path, gpu: bool, deadline: float = float("inf"), call: int = 1) -> dict:
+def run_step(
+    step: Step,
+    logs: Path,
+    gpu: bool,
+    deadline: float = float("inf"),
+    call: int = 1,
+    time_is_up: Callable[[], bool] | None = None,
+) -> dict:
     """Run `step`'s commands side by side, each logging to logs/call<call>-<step>-<k>.log; its record.
-    Processes still running at `deadline` (time.monotonic) get SIGINT, as Ctrl-C, and are killed
-    STOP_GRACE_S later if they have not exited."""
+    Processes still running at `deadline` (time.monotonic), or once `time_is_up()` says so where it
+    is given, get SIGINT, as Ctrl-C, and are killed STOP_GRACE_S later if they have not exited."""
+    if time_is_up is None:
+
+        def time_is_up() -> bool:
+            return time.monotonic() >= deadline
+
     if step.needs_gpu and not gpu:
         print(f"== {step.name}: skipped (needs a GPU)", flush=True)
         return {"step": step.name, "skipped": "needs a GPU"}
@@ -214,7 +227,7 @@ def run_step(step: Step, logs: Path, gpu: bool, deadline: float = float("inf"), 
         ]
         while any(process.poll() is None for process in processes):
             now = time.monotonic()
-            if stopped_at is None and now >= deadline:
+            if stopped_at is None and time_is_up():
                 stopped_at = now
                 for process in processes:
                     if process.poll() is None:

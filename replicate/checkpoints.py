@@ -7,6 +7,8 @@ error only (`train.keep_best`), about half the size.
 
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,11 +24,29 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    """torch.save via a .partial file: a killed write leaves the previous checkpoint whole."""
+    """torch.save via a .partial file: a killed write leaves the previous checkpoint whole. A write
+    that fails (a full disk) removes the .partial and raises a CheckpointError saying why."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    partial.replace(path)
+    try:
+        torch.save(state, partial)
+        partial.replace(path)
+        return
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        free = shutil.disk_usage(path.parent).free  # with the .partial still there: what the write met
+        full = free < 2**20 or _no_space(error)
+        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    # out of the except block, the error and the writer it holds are gone: the .partial is closed
+    partial.unlink(missing_ok=True)
+    kept = "the previous checkpoint is kept" if path.is_file() else "no earlier checkpoint to keep"
+    raise CheckpointError(
+        f"{path}: could not be written ({'No space left on device' if full else reason}; "
+        f"{free / 2**20:,.0f} MiB free there); {kept}: make room, then resume"
+    )
+
+
+def _no_space(error: Exception) -> bool:
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
 
 
 def read_checkpoint(path: Path, needs: tuple[str, ...] = RESUME_KEYS) -> dict:

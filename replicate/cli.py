@@ -238,10 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(
-            "interrupted: the work done is kept (training saved a checkpoint; preprocessing its progress); "
-            "run the same command again, or `train --resume RUN_DIR`",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as stopped:
+        print(interrupted_message(args.command, stopped), file=sys.stderr)
+        return 143 if getattr(stopped, "signal_name", "") == "SIGTERM" else 130
+
+
+def interrupted_message(command: str, stopped: KeyboardInterrupt) -> str:
+    """What was kept and how to go on, after SIGINT (Ctrl-C) or SIGTERM."""
+    run_dir = getattr(stopped, "run_dir", None)
+    by = getattr(stopped, "signal_name", "SIGINT")
+    if run_dir is None:
+        return f"stopped by {by}: preprocessing keeps its progress; the same command goes on from it"
+    if command == "train":
+        how = f"`python -m replicate train --resume {run_dir}`"
+    else:  # replicate, ablate: they resume their unfinished runs themselves
+        how = "the same command again (it resumes the run)"
+    return f"stopped by {by}: {run_dir} saved a checkpoint; continue with {how}"

@@ -35,6 +35,7 @@ class OptimConfig(Section):
         3  # epochs without a better validation error before dividing (paper: "stopped improving")
     )
     min_improvement: NonNegative = 0.0  # a validation error (percent) must beat the best by more than this
+    first_reduction_after: NonNegativeInt = 0  # epochs at the initial rate before the rule may divide it
 
 
 class PaperSGD(torch.optim.Optimizer):
@@ -85,21 +86,26 @@ def paper_optimizer(model: nn.Module, config: OptimConfig) -> PaperSGD:
 
 class PlateauSchedule:
     """§5: divide every group's learning rate by 10 when the validation error stops improving,
-    at most `max_reductions` times. `step(error)` once per epoch; True when it divided."""
+    at most `max_reductions` times, never within the first `first_reduction_after` epochs (the
+    2012 code's first division came after 25 of its 91 epochs). `step(error)` once per epoch; True
+    when it divided."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, config: OptimConfig) -> None:
         self.optimizer, self.config = optimizer, config
         self.best = float("inf")
         self.epochs_without_improvement = 0
         self.reductions = 0
+        self.epochs = 0
 
     def step(self, validation_error: float) -> bool:
+        self.epochs += 1
         if validation_error < self.best - self.config.min_improvement:
             self.best, self.epochs_without_improvement = validation_error, 0
             return False
         self.epochs_without_improvement += 1
         if (
             self.epochs_without_improvement < self.config.patience
+            or self.epochs <= self.config.first_reduction_after
             or self.reductions >= self.config.max_reductions
         ):
             return False
@@ -114,9 +120,11 @@ class PlateauSchedule:
             "best": self.best,
             "epochs_without_improvement": self.epochs_without_improvement,
             "reductions": self.reductions,
+            "epochs": self.epochs,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state["best"]
         self.epochs_without_improvement = state["epochs_without_improvement"]
         self.reductions = state["reductions"]
+        self.epochs = state.get("epochs", 0)

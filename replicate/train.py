@@ -10,7 +10,9 @@ weights as one never killed (on CPU with train.deterministic=true).
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from replicate import devices
 from replicate.checkpoints import CheckpointError, load_weights, read_checkpoint, resumable, save_atomic
-from replicate.config import ConfigError, NonNegativeInt, Positive, Section, to_dict
+from replicate.config import ConfigError, NonNegativeInt, Positive, Section, differences, to_dict
 from replicate.data.loader import (
     EpochBatches,
     Prepared,
@@ -37,6 +39,7 @@ from replicate.data.loader import (
 from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate, evaluation_lines, topk_correct, write_evaluation
 from replicate.optim import PaperSGD, PlateauSchedule, paper_optimizer
+from replicate.run_lock import RunInUse, RunLock
 from replicate.speed import autocast, begin_step, build_network, compiled, memory_format
 from replicate.tracking import Tracker, environment, wandb_choice, write_json
 
@@ -86,21 +89,37 @@ def default_run_dir(name: str, config: TrainConfig) -> Path:
     return Path(config.runs_dir) / name / f"seed{config.seed}"
 
 
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT: Ctrl-C; SIGTERM: kill, timeout, Slurm, containers)."""
+
+    def __init__(self, signal_name: str, run_dir: Path | None = None) -> None:
+        super().__init__(signal_name)
+        self.signal_name, self.run_dir = signal_name, run_dir
+
+
 class StopRequested:
-    """SIGINT (Ctrl-C) sets a flag; the loop saves a checkpoint after the step in progress."""
+    """SIGINT and SIGTERM, while training steps (`deferred`), set a flag: the loop saves a checkpoint
+    after the step in progress, then stops. Elsewhere (evaluating) they stop the run at once, its
+    last checkpoint being whole."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested: str | None = None
+        self.deferred = False
 
     def __enter__(self) -> StopRequested:
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
         return self
 
-    def _handle(self, *_) -> None:
-        self.requested = True
+    def _handle(self, number, _frame) -> None:
+        self.requested = signal.Signals(number).name
+        if not self.deferred:
+            raise Interrupted(self.requested)
 
     def __exit__(self, *_) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 class Trainer:
@@ -235,18 +254,23 @@ class Trainer:
                 self.memory_format,
             )
 
-    def run(self, tracker: Tracker | None) -> None:
+    def run(self, tracker: Tracker | None, stop: StopRequested) -> None:
         train, position = self.config.train, self.position
-        with StopRequested() as stop:
+        stop.deferred = True
+        try:
             while position.epoch < train.epochs:
                 self.sampler.set_epoch(position.epoch, position.batch)
                 self._epoch(tracker, stop)
                 if stop.requested or (train.max_steps and position.step >= train.max_steps):
                     self.checkpoint()
                     if stop.requested:
-                        raise KeyboardInterrupt
+                        raise Interrupted(stop.requested)
                     return
-                self._end_epoch(tracker)
+                self._end_epoch(tracker)  # ends with a checkpoint
+                if stop.requested:
+                    raise Interrupted(stop.requested)
+        finally:
+            stop.deferred = False
 
     def _epoch(self, tracker: Tracker | None, stop: StopRequested) -> None:
         train, position = self.config.train, self.position
@@ -343,21 +367,65 @@ class Trainer:
 
 
 def write_status(run_dir: Path, state: str, message: str = "") -> None:
-    write_json(run_dir / "status.json", {"state": state, "message": message, "time": time.strftime("%F %T")})
+    """status.json; a run that stops on an error still stops with that error if this cannot be written
+    (a full disk), saying so."""
+    try:
+        write_json(
+            run_dir / "status.json", {"state": state, "message": message, "time": time.strftime("%F %T")}
+        )
+    except OSError as error:
+        if state == "running":
+            raise
+        print(f"warning: {run_dir / 'status.json'} could not be written ({error})", file=sys.stderr)
 
 
 def run_training(config, run_dir: Path | None = None, resume: bool = False) -> Path:
-    """Train (or resume) one run, evaluate it and print its errors (rank 0); returns the run directory."""
+    """Train (or resume) one run, evaluate it and print its errors (rank 0); returns the run directory.
+    One process at a time writes a run directory (replicate/run_lock.py)."""
     run_dir = Path(run_dir or default_run_dir(config.name, config.train))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"{run_dir} is a file, not a run directory: give another --run-dir")
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other ranks: rank 0 holds the lock
+        return _train_in(config, run_dir, resume)
+    try:
+        with RunLock(run_dir):
+            return _train_in(config, run_dir, resume)
+    except RunInUse as error:
+        raise TrainingError(str(error)) from None
+
+
+def _check_run_dir(config, run_dir: Path, resume: bool) -> None:
+    """A new run needs an empty directory, or one whose earlier attempt with the same settings
+    stopped before its first checkpoint (its rows are dropped: they are for steps no checkpoint
+    kept); a resume needs a run directory."""
     if resume:
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
+        if not (run_dir / "config.yaml").is_file():
             raise TrainingError(f"{run_dir}: not a run directory (no config.yaml)")
-    elif (run_dir / "checkpoints").is_dir():
+        return
+    if list((run_dir / "checkpoints").glob("*.pt")):
         raise TrainingError(
             f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose "
             "another name, seed or train.runs_dir"
         )
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        there = yaml.safe_load(saved.read_text()) or {}
+        found = differences(there, to_dict(config))
+        if found:
+            changes = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in found)
+            raise TrainingError(
+                f"{run_dir} holds an attempt with other settings that stopped before its first "
+                f"checkpoint ({changes}): delete it, or choose another name, seed or train.runs_dir"
+            )
+        print(f"{run_dir}: its earlier attempt stopped before its first checkpoint; starting it anew")
+        for name in ("steps.csv", "epochs.csv", "evaluation.json", "wandb_id.txt"):
+            (run_dir / name).unlink(missing_ok=True)
+        for partial in (run_dir / "checkpoints").glob("*.partial"):  # a first checkpoint cut short
+            partial.unlink()
+
+
+def _train_in(config, run_dir: Path, resume: bool) -> Path:
+    _check_run_dir(config, run_dir, resume)
     mode, why = wandb_choice(config.tracking)  # online without a key: an error before any work
     trainer = Trainer(config, run_dir, resume)
     tracker = None
@@ -379,20 +447,26 @@ def run_training(config, run_dir: Path | None = None, resume: bool = False) -> P
         if resume:  # rows logged after the checkpoint will be logged again
             tracker.steps.truncate_after("step", trainer.position.step)
             tracker.epochs.truncate_after("step", trainer.position.step)
+            # an epoch's row is written before the checkpoint that ends it: a checkpoint of the
+            # epoch's last step (position.epoch not yet counted) does not keep that row
+            tracker.epochs.truncate_after("epoch", trainer.position.epoch)
         write_status(run_dir, "running")
     try:
-        trainer.run(tracker)
-        results = {views: trainer.evaluate(views) for views in config.train.final_views}
-    except KeyboardInterrupt:
+        with StopRequested() as stop:
+            trainer.run(tracker, stop)
+            results = {views: trainer.evaluate(views) for views in config.train.final_views}
+    except Interrupted as stopped:
         if trainer.rank == 0:
             write_status(
                 run_dir,
                 "interrupted",
-                f"stopped by Ctrl-C at step {trainer.position.step}; resume with --resume {run_dir}",
+                f"stopped by {stopped.signal_name} at step {trainer.position.step}; resume with "
+                f"`python -m replicate train --resume {run_dir}`",
             )
             tracker.finish(failed=True)
+        stopped.run_dir = run_dir
         raise
-    except TrainingError as error:
+    except (TrainingError, CheckpointError, OSError) as error:
         if trainer.rank == 0:
             write_status(run_dir, "failed", str(error))
             tracker.finish(failed=True)

@@ -350,9 +350,9 @@ def test_a_step_still_running_when_the_time_runs_out_is_stopped_as_ctrl_c_stops_
     marks = [tmp_path / f"run{k}" for k in range(2)]
     step = Step("sweep, seeds side by side", "sweep", [[sys.executable, "-c", script, str(m)] for m in marks])
     started = time.monotonic()
-    record = run_step(step, tmp_path, gpu=False, deadline=time.monotonic() + 3)
+    ready = [m.with_name(m.name + ".started") for m in marks]  # each handler in place, by the child's word
+    record = run_step(step, tmp_path, gpu=False, time_is_up=lambda: all(r.exists() for r in ready))
     assert time.monotonic() - started < HANG_GUARD_S
-    assert all(m.with_name(m.name + ".started").exists() for m in marks)  # the deadline let them start
     assert [m.read_text() for m in marks] == ["saved", "saved"] and record["exit_codes"] == [130, 130]
     assert record["stopped"].startswith("by the time limit") and not finished_ok(record)
 

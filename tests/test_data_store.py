@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from replicate.data.device_decode import decode_batch
 from replicate.data.imagenet import ImageRef, Split, image_folder
@@ -38,6 +39,41 @@ def test_shorter_side_to_256_then_the_central_crop():
     left_source, right_source = (90 + 0.5) * 300 / 256, (345 + 0.5) * 300 / 256
     assert abs(int(out[128, 0, 0]) - left_source / 2) <= 1.5
     assert abs(int(out[128, -1, 0]) - right_source / 2) <= 1.5
+
+
+def position_coded(width: int, height: int) -> np.ndarray:
+    """Every pixel's colour names its position: red the column, green the row (mod 256), blue which
+    256-block of each."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    return np.stack([cols % 256, rows % 256, (cols // 256) * 16 + rows // 256], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "width, height, left, top",
+    [(400, 256, 72, 0), (256, 400, 0, 72), (256, 256, 0, 0), (256, 259, 0, 1), (301, 256, 22, 0)],
+)
+def test_the_central_window_exactly_on_both_axes_at_256(width, height, left, top):
+    """§2: an image whose shorter side is already 256 is only cropped: to the exact central window
+    (offsets counted by hand, the odd pixel to the right or bottom), on either axis."""
+    pixels = position_coded(width, height)
+    out = load_rgb(encode(pixels, "PNG"), "coded.png", 256, draft=False)
+    np.testing.assert_array_equal(out, pixels[top : top + 256, left : left + 256])
+
+
+@pytest.mark.parametrize(
+    "width, height, scaled, left, top", [(512, 600, (256, 300), 0, 22), (600, 517, (297, 256), 20, 0)]
+)
+def test_a_larger_image_is_scaled_to_256_then_cut_to_the_exact_central_window(
+    width, height, scaled, left, top
+):
+    """The shorter side scaled to 256 (sizes and offsets counted by hand), then the central window
+    of the scaled image, exactly, on either axis."""
+    pixels = position_coded(width, height)
+    out = load_rgb(encode(pixels, "PNG"), "coded.png", 256, draft=False)
+    whole = np.asarray(Image.fromarray(pixels).resize(scaled, Image.BILINEAR))
+    np.testing.assert_array_equal(out, whole[top : top + 256, left : left + 256])
+    down, right = (1, 0) if scaled[1] > 256 else (0, 1)  # one pixel along the longer side: differs
+    assert not np.array_equal(out, whole[top + down : top + down + 256, left + right : left + right + 256])
 
 
 def test_greyscale_and_cmyk_are_converted_to_rgb(tmp_path):
@@ -90,19 +126,33 @@ def test_mean_image_and_pca_recover_a_known_covariance(tmp_path):
 @pytest.mark.slow
 def test_preprocessing_resumes_after_sigkill_with_the_same_result(tmp_path):
     write_image_tree(tmp_path / "data", "train", {"n01": 700, "n02": 700}, size=(320, 300))
+    # The child stops itself where a kill hurts most: its progress saved, and a chunk written past it
+    # (which a resume must drop). It says so with a file; the kill waits for that, not for a time.
+    mark = tmp_path / "past-a-checkpoint"
     script = textwrap.dedent(f"""
+        import pathlib, time
+        from replicate.data import store
         from replicate.data.imagenet import image_folder
-        from replicate.data.store import build_store
-        build_store(image_folder({str(tmp_path / "data")!r}, "train"), {str(tmp_path / "killed")!r},
-                    compute_stats=True, workers=1)
+        saved = []
+        checkpoint, append = store.StoreWriter.checkpoint, store.StoreWriter.append
+        def checkpointed(self):
+            checkpoint(self)
+            saved.append(self.done)
+        def appended(self, chunk, refs_done):
+            append(self, chunk, refs_done)
+            if saved and self.done > saved[-1]:
+                pathlib.Path({str(mark)!r}).touch()
+                time.sleep(600)
+        store.StoreWriter.checkpoint, store.StoreWriter.append = checkpointed, appended
+        store.build_store(image_folder({str(tmp_path / "data")!r}, "train"), {str(tmp_path / "killed")!r},
+                          compute_stats=True, workers=1)
     """)
     process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.DEVNULL)
     progress = tmp_path / "killed" / "progress.npz"
     deadline = time.time() + HANG_GUARD_S
-    while not progress.is_file() and time.time() < deadline and process.poll() is None:
+    while not mark.is_file() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
-    assert process.poll() is None, "preprocessing finished before it could be killed: make the test bigger"
-    time.sleep(0.3)
+    assert process.poll() is None and mark.is_file(), "the child ended before it was past a checkpoint"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     saved = int(np.load(progress)["done"])

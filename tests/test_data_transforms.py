@@ -158,6 +158,35 @@ def test_loader_batches_do_not_depend_on_the_number_of_workers(tmp_path):
     assert sorted(torch.cat([b.labels for b in batches[0]]).tolist()) == sorted(store.labels.tolist())
 
 
+def test_every_training_view_carries_the_label_of_its_own_image(tmp_path):
+    """Through the store and the real loader (two worker processes, training views: random crops,
+    flips, PCA noise, the mean image subtracted): each class's images are one flat colour, far apart,
+    so a view's colour names the class of the image it was cut from, which must be its label."""
+    colours = {0: (40, 200, 90), 1: (200, 40, 160), 2: (120, 120, 20)}
+    rng = np.random.default_rng(0)
+    refs = []
+    for i, label in enumerate(rng.permutation([0, 1, 2] * 8)):
+        pixels = np.clip(np.array(colours[label]) + rng.integers(-8, 9, (256, 256, 3)), 0, 255)
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(encode(pixels.astype(np.uint8), "PNG"))
+        refs.append(ImageRef(str(path), int(label), str(path)))
+    store = ImageStore(
+        build_store(Split(refs, ["a", "b", "c"]), tmp_path / "store", StoreSpec(), True, workers=1)
+    )
+    augment = Augment(AugmentConfig(), store.stats(), seed=3)
+    mean_colour = torch.as_tensor(store.stats()["mean_image"]).float().mean((0, 1))
+    palette = torch.tensor(list(colours.values()), dtype=torch.float32)
+    sampler = EpochBatches(len(store), 5, seed=3)
+    sampler.set_epoch(1)
+    seen = []
+    for batch in make_loader(StoreDataset(store, augment), sampler, DataConfig(workers=2, batch_size=5)):
+        colour = batch.pixels.mean((2, 3)) + mean_colour  # each view's mean RGB, mean image added back
+        named = torch.cdist(colour, palette).argmin(1)
+        assert torch.equal(named, batch.labels.long()), (named, batch.labels)
+        seen += batch.labels.tolist()
+    assert sorted(seen) == sorted(store.labels.tolist())
+
+
 def test_epoch_batches_shuffle_per_epoch_resume_mid_epoch_and_split_across_ranks():
     sampler = EpochBatches(10, 4, seed=1)
     epoch0 = [[index for _, _, index in batch] for batch in sampler]

@@ -76,10 +76,12 @@ def test_two_gloo_processes_reach_the_weights_of_one_process_on_the_same_global_
         update = one[name] - start
         assert torch.linalg.norm(update) > 0, f"{name} did not move"
         # Summation order differs (4 + 4 images averaged by DDP vs 8 at once): after one step the
-        # updates agree to ~4e-5; by step 3 last-bit differences have flipped a few max-pool winners
-        # and ReLU zeros, which reroutes whole gradients (measured: up to 2e-3). Gradients summed
-        # instead of averaged, or never all-reduced, are off by 30-100%.
+        # updates agree to ~4e-5, but a last-bit difference can flip a max-pooling winner, which
+        # moves a layer's whole gradient by up to ~6e-3 of its norm in one step
+        # (tests/ground_truth.py), and any of 3 steps may flip several (measured here: up to 2e-3;
+        # which ones flip depends on the processor). Gradients summed instead of averaged, or never
+        # all-reduced, are off by 30-100%: 0.1 tells them apart with room on either side.
         relative = torch.linalg.norm(two[name] - one[name]) / torch.linalg.norm(update)
-        assert relative < 1e-2, f"{name}: the two runs' updates differ by {relative:.2e}"
+        assert relative < 0.1, f"{name}: the two runs' updates differ by {relative:.2e}"
     evaluation = (tmp_path / "two" / "baseline" / "seed0" / "evaluation.json").read_text()
     assert '"images": 30' in evaluation  # both shards of the evaluation were counted once

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,9 +12,9 @@ from replicate.speed import set_precision
 class MeanColour(nn.Module):
     """A tiny 'network': logits are a fixed linear map of the mean colour of the view."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, classes: int = 4) -> None:
         super().__init__()
-        self.weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed))
+        self.weight = torch.randn(classes, 3, generator=torch.Generator().manual_seed(seed))
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         return views.mean((2, 3)) @ self.weight.T
@@ -47,6 +48,26 @@ def test_ten_crop_and_ensemble_average_the_softmax_by_hand():
     nll = -expected[torch.arange(6), labels].log().mean().item()
     assert abs(result["loss"] - nll) < 1e-5
     assert topk_correct(expected, labels, (2,))[2] == round(top2 * 6)
+
+
+def test_top5_error_is_the_share_of_images_with_five_likelier_classes():
+    """Against an independent count, with 12 classes, so that the true class is sometimes 6th or
+    lower: an image is a top-5 error when at least five classes are more probable than its own."""
+    generator = torch.Generator().manual_seed(0)
+    views = torch.randn(60, 10, 3, 8, 8, generator=generator)
+    labels = torch.randint(0, 12, (60,), generator=generator)
+    models = [MeanColour(1, classes=12), MeanColour(2, classes=12)]
+    probabilities = average_softmax(models, views).numpy()
+    own = probabilities[np.arange(60), labels.numpy()]
+    likelier = (probabilities > own[:, None]).sum(1)  # no ties among random floats
+    misses = {k: int((likelier >= k).sum()) for k in (1, 5)}
+    assert 0 < misses[5] < misses[1] < 60  # neither trivial nor the same as top-1
+    result = evaluate(
+        models, [Batch(views[:25], labels[:25]), Batch(views[25:], labels[25:])], progress=False
+    )
+    assert result["images"] == 60
+    assert result["top5_error"] == pytest.approx(100 * misses[5] / 60, abs=1e-9)
+    assert result["top1_error"] == pytest.approx(100 * misses[1] / 60, abs=1e-9)
 
 
 def test_a_single_view_batch_is_one_view_per_image():

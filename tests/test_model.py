@@ -6,6 +6,7 @@ from torch import nn
 
 from replicate.config import ConfigError
 from replicate.model import AlexNet, PaperDropout, conv1_padding
+from tests.ground_truth import assert_same_function
 from tests.test_lrn import lrn_by_loop
 
 # Parameters per layer (both columns together) at 1000 classes: §3.5's layer sizes, counted by hand.
@@ -249,8 +250,9 @@ def test_every_variant_runs_forward_and_backward(variant, images):
 )
 def test_fused_columns_compute_the_per_column_function(variant):
     """The one-tensor path (grouped convolutions, LRN on a (2N, C/2, H, W) view) against the
-    per-column modules: same outputs and same gradients for every parameter, in training mode
-    (same seed, so the same dropout masks) on paper-scale inputs."""
+    per-column modules, both against the float64 ground truth (tests/ground_truth.py): the same
+    outputs and gradients for every parameter, in training mode (same seed, so the same dropout
+    masks) on paper-scale inputs."""
     variant = {"num_classes": 10, **variant}
     torch.manual_seed(1)
     images = torch.randn(3, 3, 224, 224) * 60
@@ -259,19 +261,8 @@ def test_fused_columns_compute_the_per_column_function(variant):
     reference = AlexNet(**variant, fused=False)
     reference.load_state_dict(fused.state_dict())
     assert fused.fuses_columns() == (fused.config.columns == 2) and not reference.fuses_columns()
-    results = []
-    for model in (fused, reference):
-        torch.manual_seed(2)
-        logits = model(images)
-        torch.nn.functional.cross_entropy(logits, labels).backward()
-        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
-    (logits, grads), (ref_logits, ref_grads) = results
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
-    assert grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():
-        scale = ref_grads[name].abs().max().item()
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
-    with torch.no_grad():
+    assert_same_function(reference, fused, fused, images, labels)
+    with torch.no_grad():  # the forward pass is continuous: no winner to pick, fp32 against fp32
         torch.testing.assert_close(fused.eval().fc7_features(images), reference.eval().fc7_features(images))
 
 

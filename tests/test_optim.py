@@ -72,6 +72,16 @@ def test_plateau_divides_by_ten_after_patience_at_most_three_times():
     assert restored.state_dict() == schedule.state_dict()
 
 
+def test_plateau_never_divides_within_the_first_reduction_after_epochs():
+    optimizer = paper_optimizer(nn.Linear(1, 1), OptimConfig())
+    schedule = PlateauSchedule(optimizer, OptimConfig(patience=1, first_reduction_after=3))
+    drops = [schedule.step(e) for e in [50, 60, 60, 60, 60]]  # no better error after the first
+    assert [i for i, dropped in enumerate(drops) if dropped] == [3, 4]  # epochs 4 and 5, not 2 or 3
+    restored = PlateauSchedule(optimizer, OptimConfig(patience=1, first_reduction_after=3))
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.epochs == 5
+
+
 def test_bad_optimiser_settings_are_errors():
     with pytest.raises(ConfigError, match="patience = 0 must be >= 1"):
         OptimConfig(patience=0)

@@ -190,20 +190,32 @@ def test_keep_best_false_keeps_only_the_last_checkpoint(tmp_path):
     assert kept == ["last.pt"]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_save_a_checkpoint_and_the_run_resumes(tmp_path, stop, code):
+    """Ctrl-C, and SIGTERM (what kill, timeout, containers and Slurm send): a checkpoint after the
+    step in progress, the status says so, and the command it prints continues the run."""
     process = train(tmp_path, "train.epochs=3", wait=False)
     run_dir = tmp_path / "baseline" / "seed0"
     wait_for_step(run_dir, 2, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, err = process.communicate(timeout=HANG_GUARD_S)
-    assert process.returncode == 130, err
-    assert "the work done is kept" in err
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    assert process.returncode == code, err
+    name = signal.Signals(stop).name
+    assert f"stopped by {name}: {run_dir} saved a checkpoint; continue with" in err
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["message"].startswith(f"stopped by {name} at step")
     stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["position"]["step"]
     assert stopped_at >= 2
     again = train(tmp_path)
     assert again[0] == 1 and "already holds a run: resume it with --resume" in again[2]
-    resumed = resume(run_dir)
+    suggested = re.search(r"continue with `python -m replicate (train --resume \S+)`", err).group(1).split()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "replicate", *suggested],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert pd.read_csv(run_dir / "steps.csv")["step"].tolist() == list(range(1, 10))
 

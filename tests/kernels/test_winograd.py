@@ -181,7 +181,12 @@ def test_two_layers_reading_one_tensor_transform_it_once():
     kept = conv(other, weights[0], None)  # in training its transform is kept for the backward
     other.mul_(2)  # in place: a new version of the same tensor
     torch.testing.assert_close(conv(other, weights[0], None), F.conv2d(other, weights[0], padding=1))
-    assert len(transforms) == 2 and kept is not None
+    assert len(transforms) == 2  # the modified tensor was transformed anew ...
+    # ... while the first output's backward still reads the transform of the input as it was
+    (weight_grad,) = torch.autograd.grad(kept.sum(), weights[0])
+    unchanged = (other / 2).requires_grad_(False)
+    (expected,) = torch.autograd.grad(F.conv2d(unchanged, weights[0], padding=1).sum(), weights[0])
+    torch.testing.assert_close(weight_grad, expected)
 
 
 @pytest.mark.slow
