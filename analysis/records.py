@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from replicate.tracking import RecordError, read_json
 
 SMALL_DATASETS = {"imagenette"}  # 10 classes: never comparable with the paper's ILSVRC numbers
 COLUMNS = [
@@ -40,7 +43,12 @@ def experiment_id(config: dict) -> str:
 def finished(run_dir: Path) -> bool:
     """A run's record counts once its status says finished (an ensemble folder has no status)."""
     status = run_dir / "status.json"
-    return not status.is_file() or json.loads(status.read_text()).get("state") == "finished"
+    return not status.is_file() or read_json(status).get("state") == "finished"
+
+
+def skipped(run_dir: Path, error: RecordError) -> None:
+    """One unreadable record leaves its run out of the tables, saying so; the others still count."""
+    print(f"warning: {run_dir} left out of the tables: {error}", file=sys.stderr)
 
 
 def _config(run_dir: Path) -> dict:
@@ -61,9 +69,13 @@ def load_records(root: str | Path) -> pd.DataFrame:
     rows = []
     for evaluation_path in sorted(Path(root).rglob("evaluation.json")):
         run_dir = evaluation_path.parent
-        if not finished(run_dir):
+        try:
+            if not finished(run_dir):
+                continue
+            evaluation = read_json(evaluation_path)
+        except RecordError as error:
+            skipped(run_dir, error)
             continue
-        evaluation = json.loads(evaluation_path.read_text())
         members = [member_dir(run_dir, member["dir"]) for member in evaluation.get("runs", [])]
         if len(members) > 1:  # an ensemble (runs.evaluate_runs): its members' configs
             config = _config(members[0])

@@ -12,6 +12,7 @@ import yaml
 
 from analysis import figures
 from analysis.tables import markdown, replication_table
+from replicate.tracking import RecordError
 
 
 def summarise(run_dir: Path, formats: tuple[str, ...] = ("png", "pdf")) -> tuple[str, list[Path]]:
@@ -31,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     for needed in ("evaluation.json", "epochs.csv", "config.yaml"):
         if not (args.run_dir / needed).is_file():
             parser.error(f"{args.run_dir}: no {needed} (is it a finished run's folder?)")
-    table, paths = summarise(args.run_dir)
+    try:
+        table, paths = summarise(args.run_dir)
+    except RecordError as error:
+        parser.exit(2, f"error: {error}\n")
     print(table)
     print(f"table: {paths[0]}\nlearning curve: {paths[1]}")
     return 0

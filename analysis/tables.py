@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +12,7 @@ import pandas as pd
 from analysis.records import NO_SOURCE, find_record, load_records, load_wandb_records
 from analysis.stats import Estimate, mean_ci, paired_deltas
 from replicate.paper import LAB_PROTOCOLS, lab_delta, lab_record, load_claims, paper_result
+from replicate.tracking import RecordError, read_json
 
 # Which paper row a measurement is compared with, by data set and split.
 PAPER_ROW = {("ilsvrc2012", "val"): "table2_1cnn", ("ilsvrc2010", "test"): "table1_cnn"}
@@ -18,7 +21,7 @@ VIEW_NAMES = {"centre": "centre crop", "ten_crop": "10 crops"}
 
 def replication_table(run_dir: str | Path) -> pd.DataFrame:
     """The paper's error beside this run's, one row per protocol, each row saying what it measured."""
-    evaluation = json.loads((Path(run_dir) / "evaluation.json").read_text())
+    evaluation = read_json(Path(run_dir) / "evaluation.json")
     dataset, split = evaluation["dataset"], evaluation["split"]
     comparable = (dataset, split) in PAPER_ROW
     paper = paper_result(PAPER_ROW.get((dataset, split), "table2_1cnn"))
@@ -387,3 +390,27 @@ def all_tables(runs_root: str | Path, wandb_project: str | None = None) -> dict[
             json.loads(figure1.read_text()) if figure1 else None, json.loads(lrn.read_text()) if lrn else None
         ),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m analysis.tables RUN_DIR`: a finished run's errors beside the paper's; or, given a
+    runs folder, every table of the runs under it (Markdown, printed)."""
+    parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=main.__doc__)
+    parser.add_argument("path", type=Path, help="a finished run's folder, or a folder of runs")
+    args = parser.parse_args(argv)
+    if not args.path.is_dir():
+        parser.error(f"{args.path}: no such folder")
+    try:
+        if (args.path / "evaluation.json").is_file():
+            print(markdown(replication_table(args.path)))
+            return 0
+        for name, table in all_tables(args.path).items():
+            print(f"## {name}\n\n{markdown(table)}\n")
+    except RecordError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

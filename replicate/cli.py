@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from replicate.evaluate import evaluation_lines
 from replicate.experiment import load_experiment, resolve_file
 from replicate.model import AlexNet
 from replicate.runs import evaluate_runs, run_config, train_or_resume
+from replicate.tracking import RecordError, read_json
 from replicate.train import TrainingError, default_run_dir, run_training
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -120,7 +120,7 @@ def replicate(args: argparse.Namespace) -> int:
     run_dir = default_run_dir(config.name, config.train)
     if train_or_resume(config, run_dir) == "finished":  # else run_training printed the errors
         print(f"{run_dir} is finished; showing its results (delete it to train again)")
-        print(evaluation_lines(json.loads((run_dir / "evaluation.json").read_text())))
+        print(evaluation_lines(read_json(run_dir / "evaluation.json")))
     print(f"run: {run_dir}")
     return 0
 
@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CheckpointError as error:
         print(f"checkpoint error: {error}", file=sys.stderr)
+        return 2
+    except RecordError as error:
+        print(f"record error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
         print(f"training stopped: {error}", file=sys.stderr)

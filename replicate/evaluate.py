@@ -99,11 +99,15 @@ def write_evaluation(
     weights: str,
     device: torch.device,
     precision: str,
+    name: str = "evaluation.json",
+    marks: dict | None = None,
+    classes: list[str] | None = None,
 ) -> dict:
     """out_dir/evaluation.json, the one record of a final evaluation, whether training wrote it or
     `evaluate` did: `results` by views, the data it was measured on (the config, and the `source`
     that produced its store: `Prepared.source`), the runs (dir, epoch, step of their weights;
-    several: an ensemble), and the device and precision it was computed in."""
+    several: an ensemble), and the device and precision it was computed in. `name`: another file in
+    out_dir, for an evaluation that is not the run's own, which `marks` say (runs.evaluate_runs)."""
     record = {
         "dataset": data.dataset,
         "split": data.eval_split,
@@ -114,6 +118,10 @@ def write_evaluation(
         "precision": precision,
         "views": results,
         "data": to_dict(data),
+        "classes": list(classes or []),  # in label order: an ensemble's runs must agree on them
+        **(marks or {}),
     }
-    write_json(Path(out_dir) / "evaluation.json", record)
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
     return record

@@ -58,6 +58,10 @@ class ExperimentConfig(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.name or "/" in self.name or "\\" in self.name or self.name.strip(".") == "":
+            raise ConfigError(
+                f"name = {self.name!r}: it names a folder inside train.runs_dir: no '/', no '..'"
+            )
         crop, side = self.data.augment.crop_size, self.model.input_size
         if crop != side:  # found now, not at the first step
             raise ConfigError(
@@ -75,6 +79,8 @@ def resolve_file(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: {base!r} should name one file (e.g. base: baseline.yaml)")
     return merge(resolve_file(path.parent / base, seen + (path,)), data)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate, write_evaluation
 from replicate.experiment import ExperimentConfig, resolve_file
 from replicate.model import AlexNet
+from replicate.run_lock import RunInUse, RunLock
 from replicate.speed import autocast, build_network, compiled, memory_format
+from replicate.tracking import read_json
 from replicate.train import run_training
 
 
@@ -34,7 +37,7 @@ def run_config(run_dir: Path, overrides: list[str] = ()) -> ExperimentConfig:
 def run_state(run_dir: Path) -> str | None:
     """status.json's state (running, interrupted, failed, finished), or None if there is none."""
     status = Path(run_dir) / "status.json"
-    return json.loads(status.read_text())["state"] if status.is_file() else None
+    return read_json(status).get("state") if status.is_file() else None
 
 
 def require_same_config(run_dir: Path, config: ExperimentConfig) -> None:
@@ -77,6 +80,78 @@ def trained_network(
     return model.eval(), state.get("position", {})
 
 
+# Overrides that leave the evaluated function as the run trained it: where and how fast it runs.
+SAME_EXPERIMENT = (
+    "train.device",
+    "train.eval_batch_size",
+    "data.workers",
+    "data.prefetch_factor",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.cache_dir",
+    "speed.channels_last",
+    "speed.compile",
+    "speed.compile_mode",
+    "speed.fused_columns",
+    "speed.lrn_kernel",
+    "speed.conv_algorithm",
+    "tracking.",
+)
+
+
+def other_experiment(overrides: list[str]) -> list[str]:
+    """The overrides that change what is evaluated (the network, the data, the arithmetic)."""
+    return [o for o in overrides if not o.split("=", 1)[0].startswith(SAME_EXPERIMENT)]
+
+
+def evaluation_target(
+    run_dir: Path, views: list[str], weights: str, overrides: list[str]
+) -> tuple[str, dict]:
+    """Where `evaluate` writes about one run: its own evaluation.json only when it evaluates what
+    training evaluated (its last weights, its final views at least, no override that changes the
+    function); else a file of its own under evaluations/, marked, which no table reads as the run's."""
+    own_views = run_config(run_dir).train.final_views
+    changed = other_experiment(overrides)
+    if not changed and weights == "last" and set(own_views) <= set(views):
+        return "evaluation.json", {}
+    label = "+".join([*changed, f"weights={weights}", f"views={','.join(views)}"])
+    slug = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", label)
+    if len(slug) > 120:
+        slug = slug[:80] + "-" + hashlib.sha256(label.encode()).hexdigest()[:12]
+    marks = {
+        "overrides": list(overrides),
+        "not_the_runs_own": "evaluated with other settings than the run's own (see overrides, weights, "
+        "views): its evaluation.json is left as training wrote it",
+    }
+    return f"evaluations/{slug}.json", marks
+
+
+def same_classes(run_dirs: list[Path], configs: list[ExperimentConfig]) -> None:
+    """An ensemble averages class by class: its runs must have been trained on the same classes (the
+    same data set and classes, in the same order), not only the same number of them."""
+    first = configs[0]
+    if any(c.model.num_classes != first.model.num_classes for c in configs):
+        raise ConfigError("the runs of an ensemble must have the same number of classes")
+    classes = [_trained_classes(d) for d in run_dirs]
+    for run_dir, theirs in zip(run_dirs[1:], classes[1:], strict=True):
+        if theirs != classes[0]:
+            raise ConfigError(
+                f"the runs of an ensemble must be trained on the same classes: {run_dir} was trained "
+                f"on {theirs}, {run_dirs[0]} on {classes[0]}"
+            )
+
+
+def _trained_classes(run_dir: Path):
+    """The classes a run was trained on, in label order: as its evaluation.json lists them, or where
+    that is absent its data set and root."""
+    record = Path(run_dir) / "evaluation.json"
+    classes = read_json(record).get("classes") if record.is_file() else None
+    if classes:
+        return classes
+    data = run_config(run_dir).data
+    return f"data set {data.dataset} at {data.root or 'its default place'}"
+
+
 def evaluate_runs(
     run_dirs: list[Path],
     views: list[str],
@@ -87,11 +162,22 @@ def evaluate_runs(
     """Evaluate one run, or average the softmax of several (the paper's "5 CNNs", §6), on the eval
     split of the first run's data config (with `overrides`, e.g. another data set or split), on its
     `train.device` (auto: the first GPU when there is one; `train.device=cpu` to choose) and in its
-    `speed` section (`speed.precision=fp32` to choose)."""
+    `speed` section (`speed.precision=fp32` to choose). One run's record goes into its own folder
+    (`evaluation_target`: never over its own evaluation with other settings), while no other process
+    writes it."""
+    if out is None and len(run_dirs) == 1:
+        try:
+            with RunLock(run_dirs[0]):
+                return _evaluate(run_dirs, views, weights, overrides, None)
+        except RunInUse as error:
+            raise ConfigError(str(error)) from None
+    return _evaluate(run_dirs, views, weights, overrides, out)
+
+
+def _evaluate(run_dirs, views, weights, overrides, out) -> dict:
     configs = [run_config(d, overrides) for d in run_dirs]
     first = configs[0]
-    if any(c.model.num_classes != first.model.num_classes for c in configs):
-        raise ConfigError("the runs of an ensemble must have the same number of classes")
+    same_classes(run_dirs, configs)
     device = devices.resolve(first.train.device, "train.device")
     loaded = [trained_network(d, c, device, weights) for d, c in zip(run_dirs, configs, strict=True)]
     networks = [compiled(model, config.speed) for (model, _), config in zip(loaded, configs, strict=True)]
@@ -112,12 +198,28 @@ def evaluate_runs(
                 len(sampler),
                 memory_format=memory_format(first.speed.channels_last),
             )
+    name, marks = "evaluation.json", {"overrides": list(overrides)} if overrides else {}
+    if out is None and len(run_dirs) == 1:
+        name, marks = evaluation_target(Path(run_dirs[0]), views, weights, list(overrides))
     out = Path(
         out
         or (run_dirs[0] if len(run_dirs) == 1 else Path(run_dirs[0]).parent / f"ensemble-of-{len(run_dirs)}")
     )
     out.mkdir(parents=True, exist_ok=True)
     runs = [{"dir": str(d), **position} for d, (_, position) in zip(run_dirs, loaded, strict=True)]
-    return write_evaluation(
-        out, results, first.data, prepared.source, runs, weights, device, first.speed.precision
+    record = write_evaluation(
+        out,
+        results,
+        first.data,
+        prepared.source,
+        runs,
+        weights,
+        device,
+        first.speed.precision,
+        name,
+        marks,
+        prepared.train.classes,
     )
+    if name != "evaluation.json":
+        print(f"written to {out / name} (not the run's own evaluation: other settings)")
+    return record

@@ -216,6 +216,18 @@ class Tracker:
             self.wandb_run = None
 
 
+class RecordError(RuntimeError):
+    """A record file (JSON) that cannot be read; the message names it."""
+
+
+def read_json(path: Path) -> dict:
+    """A JSON record, or a RecordError naming the file and what is wrong with it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RecordError(f"{path}: not a readable JSON record ({error}); delete or restore it") from None
+
+
 def write_json(path: Path, data: dict) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=1, default=str) + "\n")

@@ -481,6 +481,7 @@ def _train_in(config, run_dir: Path, resume: bool) -> Path:
             "last",
             trainer.devices[0],
             config.speed.precision,
+            classes=trainer.prepared.train.classes,
         )
         print(evaluation_lines(record))
         tracker.final_evaluation(record)

@@ -47,6 +47,9 @@ def test_overrides_are_typed_and_nested():
         (["train.final_views=[centre, tencrop]"], "final_views: 'tencrop' is not one of"),
         (["data.augment.colour_noise=pca"], "data.augment.colour_noise = 'pca' is not one of"),
         (["optim.patience=0"], "optim.patience = 0 must be >= 1"),
+        (["optim.lr=[1"], r"override 'optim.lr=\[1': its value is not valid YAML"),
+        (["name=../../x"], "name = '../../x': it names a folder inside train.runs_dir"),
+        (["name=.."], "name = '..': it names a folder inside train.runs_dir"),
         (["train.device=gpu"], "train.device: 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
         (
             ["train.model_parallel=true", "train.device=cpu"],
@@ -80,6 +83,12 @@ def test_base_cycle_and_missing_and_malformed_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping of config keys"):
         load_experiment(tmp_path / "list.yaml")
+    (tmp_path / "bases.yaml").write_text("base: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"bases.yaml: base: \[1, 2\] should name one file"):
+        load_experiment(tmp_path / "bases.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not a UTF-8 text file"):
+        load_experiment(tmp_path / "latin1.yaml")
 
 
 def test_override_values_are_read_as_yaml():

@@ -7,7 +7,7 @@ import pytest
 from scipy.io import savemat
 
 from replicate.data.imagenet import ILSVRC_FILES, class_names, ilsvrc_split, image_folder
-from replicate.data.loader import DataConfig, source_split
+from replicate.data.loader import DataConfig, prepare, source_split
 from replicate.data.sources import MIRROR_DIR, DataError
 from replicate.data.store import load_rgb
 from tests.conftest import encode, needs_mirror, write_image_tree
@@ -172,3 +172,19 @@ def test_every_bundled_full_size_photo_decodes_to_256(tmp_path):
         for member in members:
             pixels = load_rgb(tar.extractfile(member).read(), member.name, 256, draft=True)
             assert pixels.shape == (256, 256, 3), member.name
+
+
+def test_an_image_replaced_in_place_is_preprocessed_again(tmp_path):
+    """An imagefolder's image overwritten under the same name: `prepare` makes a new store (its
+    fingerprint dates and sizes the files), whose mean image sees the new pixels."""
+    classes = {"n01": 2, "n02": 2}
+    write_image_tree(tmp_path / "data", "train", classes, size=(300, 260))
+    write_image_tree(tmp_path / "data", "val", classes, size=(300, 260), seed=1)
+    config = DataConfig(dataset="imagefolder", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    before = prepare(config, workers=1)
+    mean_before = before.stats["mean_image"].mean()
+    replaced = tmp_path / "data" / "train" / "n01" / "n01_0.JPEG"
+    replaced.write_bytes(encode(np.full((260, 300, 3), 255, np.uint8)))  # white, where noise was
+    after = prepare(config, workers=1)
+    assert after.train.folder != before.train.folder and after.eval.folder == before.eval.folder
+    assert after.stats["mean_image"].mean() > mean_before + 20  # a quarter of the images now white

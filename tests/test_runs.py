@@ -1,16 +1,21 @@
+import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
+from analysis.records import load_records
 from replicate.ablate import ensure_trained
 from replicate.cli import main
 from replicate.config import ConfigError, to_dict
 from replicate.experiment import load_experiment
-from replicate.runs import require_same_config
+from replicate.runs import evaluate_runs, require_same_config
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
 
 
 def test_a_run_is_not_resumed_or_shown_under_other_settings(tmp_path, capsys):
@@ -32,3 +37,44 @@ def test_a_run_is_not_resumed_or_shown_under_other_settings(tmp_path, capsys):
         ensure_trained(shorter, run_dir, [])
     require_same_config(run_dir, trained)  # its own settings: no error
     require_same_config(tmp_path / "new", shorter)  # no run yet: nothing to compare
+
+
+COMMITTED_RUN = ROOT / "analysis" / "results" / "replicate-bundled" / "seed0"
+
+
+def copied_runs(root: Path, names: list[str]) -> list[Path]:
+    """The committed bundled run's records (config, evaluation, status, curves), once per name."""
+    runs = []
+    for name in names:
+        run_dir = root / name / "seed0"
+        run_dir.mkdir(parents=True)
+        for record in ("config.yaml", "evaluation.json", "status.json", "epochs.csv", "steps.csv"):
+            (run_dir / record).write_bytes((COMMITTED_RUN / record).read_bytes())
+        runs.append(run_dir)
+    return runs
+
+
+def test_one_unreadable_record_leaves_its_run_out_of_the_tables_naming_its_file(tmp_path, capsys):
+    good, bad = copied_runs(tmp_path, ["good", "bad"])
+    (bad / "evaluation.json").write_text('{"views": {"centre": ')  # cut short
+    rows = load_records(tmp_path)
+    assert set(rows["run"]) == {str(good)}
+    assert f"warning: {bad} left out of the tables: {bad / 'evaluation.json'}: not a readable JSON" in (
+        capsys.readouterr().err
+    )
+    summary = subprocess.run(
+        [sys.executable, "-m", "analysis.summary", str(bad)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert summary.returncode == 2 and "Traceback" not in summary.stderr
+    assert f"error: {bad / 'evaluation.json'}: not a readable JSON record" in summary.stderr
+
+
+def test_an_ensemble_of_runs_trained_on_other_classes_is_refused_naming_them(tmp_path):
+    first, second = copied_runs(tmp_path, ["a", "b"])
+    record = json.loads((second / "evaluation.json").read_text())
+    classes = [f"n{i:08d}" for i in range(10)]
+    (first / "evaluation.json").write_text(json.dumps({**record, "classes": classes}))
+    (second / "evaluation.json").write_text(json.dumps({**record, "classes": classes[::-1]}))
+    with pytest.raises(ConfigError, match=f"must be trained on the same classes: {second} was trained on"):
+        evaluate_runs([first, second], ["centre"])
+    assert main(["evaluate", str(first), str(second)]) == 2

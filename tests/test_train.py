@@ -308,6 +308,31 @@ def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
     assert set(record) == set(trained) and record["precision"] == trained["precision"] == "fp32"
     assert trained["runs"] == [{"dir": str(run_dir), "epoch": 1, "batch": 0, "step": 3}]
     assert abs(record["views"]["ten_crop"]["loss"] - single["loss"]) < 1e-4
+    assert trained["classes"] == sorted(trained["classes"]) and len(trained["classes"]) == 10
+    # Another experiment on the run's weights (no LRN, the centre crop only) never rewrites its record:
+    # it goes to a file of its own, marked, which no table reads as the run's.
+    own = (run_dir / "evaluation.json").read_bytes()
+    other = subprocess.run(
+        [sys.executable, "-m", "replicate", "evaluate", str(run_dir), "model.lrn=off", "--views", "centre"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert other.returncode == 0, other.stderr
+    elsewhere = run_dir / "evaluations" / "model.lrn=off+weights=last+views=centre.json"
+    assert f"written to {elsewhere} (not the run's own evaluation: other settings)" in other.stdout
+    assert (run_dir / "evaluation.json").read_bytes() == own
+    marked = json.loads(elsewhere.read_text())
+    assert marked["overrides"] == ["model.lrn=off"] and "not_the_runs_own" in marked
+    tables = subprocess.run(
+        [sys.executable, "-m", "analysis.tables", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert tables.returncode == 0 and tables.stdout == table.stdout.split("\ntable: ")[0] + "\n", tables
 
 
 def same_run_with(root: Path, common: list[str], *device_options: str) -> str | None:

@@ -106,10 +106,19 @@ def process_chunk(args: tuple[list[ImageRef], StoreSpec]) -> Chunk:
 
 
 def fingerprint(split: Split, spec: StoreSpec) -> str:
-    """Identifies the source list and settings, so a resume never mixes two different runs."""
+    """Identifies the source list, the files' contents as the file system dates and sizes them, and the
+    settings: a resume never mixes two different runs, and an image replaced in place (same name)
+    makes another store instead of reusing the old one."""
     digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode())
+    stamps: dict[str, str] = {}  # an archive's members share one file
     for ref in split.refs:
-        digest.update(f"{ref.name}\t{ref.label}\n".encode())
+        if ref.path not in stamps:
+            try:
+                stat = os.stat(ref.path)
+                stamps[ref.path] = f"{stat.st_size}\t{stat.st_mtime_ns}"
+            except OSError:
+                stamps[ref.path] = "unreadable"  # reading it fails later, naming it
+        digest.update(f"{ref.name}\t{ref.label}\t{ref.offset}\t{ref.size}\t{stamps[ref.path]}\n".encode())
     return digest.hexdigest()
 
 
