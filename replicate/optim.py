@@ -85,10 +85,11 @@ def paper_optimizer(model: nn.Module, config: OptimConfig) -> PaperSGD:
 
 
 class PlateauSchedule:
-    """§5: divide every group's learning rate by 10 when the validation error stops improving,
-    at most `max_reductions` times, never within the first `first_reduction_after` epochs (the
-    2012 code's first division came after 25 of its 91 epochs). `step(error)` once per epoch; True
-    when it divided."""
+    """§5: divide every group's learning rate by 10 when the validation error "stopped improving with
+    the current learning rate" (so each rate's best error is its own: a division starts it anew), at
+    most `max_reductions` times, never within the first `first_reduction_after` epochs (the 2012
+    code's first division came after 25 of its 91 epochs). `step(error)` once per epoch; True when
+    it divided."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, config: OptimConfig) -> None:
         self.optimizer, self.config = optimizer, config
@@ -113,6 +114,7 @@ class PlateauSchedule:
             group["lr"] /= self.config.lr_divisor
         self.reductions += 1
         self.epochs_without_improvement = 0
+        self.best = float("inf")  # the new rate's epochs are judged against each other
         return True
 
     def state_dict(self) -> dict:
