@@ -126,6 +126,12 @@ class CsvLog:
                 writer.writeheader()
             writer.writerow(row)
 
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as file:
+            return list(csv.DictReader(file))
+
     def truncate_after(self, key: str, value: float) -> None:
         """Keep the header and the rows whose `key` is <= value (rows written after a checkpoint)."""
         if not self.path.is_file():
@@ -140,6 +146,18 @@ class CsvLog:
                 writer.writeheader()
                 writer.writerows(kept)
         partial.replace(self.path)
+
+
+def _value(text: str) -> Any:
+    """A CSV cell as the number or flag it was logged as."""
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 class Tracker:
@@ -171,6 +189,19 @@ class Tracker:
                 config=config_dict,
                 tags=tags,
             )
+
+    def replay_record(self) -> None:
+        """On a resume in offline mode: the local record's rows (up to the checkpoint resumed from)
+        logged again, in step order, so that this offline run holds the whole history by itself (the
+        run it continues may have been killed before its files were whole). Online, W&B keeps the
+        history of the run it resumes."""
+        if self.wandb_run is None or self.mode != "offline":
+            return
+        rows = [(int(r["step"]), 0, "train/", r) for r in self.steps.rows()]
+        rows += [(int(r["step"]), 1, "epoch/", r) for r in self.epochs.rows()]
+        for step, _, prefix, row in sorted(rows, key=lambda item: item[:2]):
+            keys = [k for k in row if prefix == "epoch/" or k != "step"]
+            self.wandb_run.log({prefix + k: _value(row[k]) for k in keys}, step=step)
 
     def log_step(self, row: dict[str, Any]) -> None:
         self.steps.append(row)

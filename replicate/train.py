@@ -450,6 +450,7 @@ def _train_in(config, run_dir: Path, resume: bool) -> Path:
             # an epoch's row is written before the checkpoint that ends it: a checkpoint of the
             # epoch's last step (position.epoch not yet counted) does not keep that row
             tracker.epochs.truncate_after("epoch", trainer.position.epoch)
+            tracker.replay_record()
         write_status(run_dir, "running")
     try:
         with StopRequested() as stop:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -163,3 +164,51 @@ def test_a_full_disk_stops_the_run_saying_so_and_keeps_the_last_checkpoint(tmp_p
     assert (log / "left").read_text().split() == ["last.pt"]  # no .partial left behind
     assert (log / "resumed.code").read_text().strip() == "0", (log / "resumed.err").read_text()
     assert pd.read_csv(log / "steps.csv")["step"].tolist() == [1, 2, 3]
+
+
+def wandb_history_steps(path: Path) -> list[int]:
+    """The steps of the history records in a W&B run file (.wandb): a LevelDB-style log of protobuf
+    records in 32 KiB blocks after a 7-byte header, each chunk with a 7-byte header of its own."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, pending, steps = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # a block's tail too short for a header: padding
+            pos += left
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                steps.append(record.history.step.num)
+    return steps
+
+
+def test_a_run_killed_and_resumed_logs_its_whole_history_to_wandb_offline(tmp_path):
+    """The offline W&B run of the resumed process holds every step from the first, the ones before
+    the checkpoint logged again from the local record: syncing it alone gives the whole curve."""
+    process = train(
+        tmp_path, "train.epochs=2", "tracking.wandb=offline", wait=False, env={"WANDB_SILENT": "true"}
+    )
+    run_dir = tmp_path / "baseline" / "seed0"
+    wait_for_step(run_dir, 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "replicate", "train", "--resume", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        env={**os.environ, "WANDB_SILENT": "true"},
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2  # the killed process's, and the resumed one's
+    steps = wandb_history_steps(next(offline[-1].glob("*.wandb")))
+    assert sorted(set(steps)) == list(range(1, 7)), steps  # TINY: 3 steps an epoch, 2 epochs
