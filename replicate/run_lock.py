@@ -26,13 +26,19 @@ class RunInUse(RuntimeError):
 
 
 class RunLock:
-    """`with RunLock(run_dir):` holds the run directory's lock, or raises RunInUse at once."""
+    """`with RunLock(run_dir):` holds the run directory's lock, or raises RunInUse at once. A run that
+    wrote nothing (it stopped on an error first) leaves no lock file, nor the folders made for it."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
         self.file = None
+        self.made: list[Path] = []  # the folders made for the lock, deepest first
 
     def __enter__(self) -> RunLock:
+        folder = self.path.parent
+        while not folder.exists():
+            self.made.append(folder)
+            folder = folder.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a+")  # noqa: SIM115 (held until __exit__)
         if fcntl is not None:
@@ -54,6 +60,14 @@ class RunLock:
         return self
 
     def __exit__(self, *_) -> None:
-        if self.file is not None:
-            self.file.close()  # releases the lock
-            self.file = None
+        if self.file is None:
+            return
+        if [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:  # nothing written
+            self.path.unlink()
+            for folder in self.made:
+                try:
+                    folder.rmdir()
+                except OSError:  # another run's files: keep it
+                    break
+        self.file.close()  # releases the lock
+        self.file = None

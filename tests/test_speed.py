@@ -212,7 +212,7 @@ def test_gpu_paths_against_the_cpu_reference(precision):
     Measured on an H100 against the fp32 CPU net: every op agrees to ~1e-6 (LRN forward and backward
     9e-8, conv1's weight gradient 9e-7, max-pool backward exact) but for the pooling windows whose
     winner the devices pick differently, which moved conv1's and conv2's gradients by up to ~2e-2;
-    the ground truth now pools as the GPU did, so the fp32 bounds below (those measurements') hold
+    the ground truth here pools as the GPU did, so the fp32 bounds below (those measurements') hold
     with room. TF32 (10-bit operands) and bf16 (7-bit) add their rounding, for torchvision's net as
     for this one (conv1's gradient: 6e-2 and 0.26 for torchvision)."""
     _, images, labels = pair(dropout="off")[1:]
