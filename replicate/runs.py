@@ -132,22 +132,24 @@ def same_classes(run_dirs: list[Path], configs: list[ExperimentConfig]) -> None:
     first = configs[0]
     if any(c.model.num_classes != first.model.num_classes for c in configs):
         raise ConfigError("the runs of an ensemble must have the same number of classes")
-    classes = [_trained_classes(d) for d in run_dirs]
-    for run_dir, theirs in zip(run_dirs[1:], classes[1:], strict=True):
-        if theirs != classes[0]:
+    recorded = [_recorded_classes(d) for d in run_dirs]
+    if not all(recorded):  # a record without its classes: compare what its config says of them
+        recorded = [_data_of(d) for d in run_dirs]
+    for run_dir, theirs in zip(run_dirs[1:], recorded[1:], strict=True):
+        if theirs != recorded[0]:
             raise ConfigError(
                 f"the runs of an ensemble must be trained on the same classes: {run_dir} was trained "
-                f"on {theirs}, {run_dirs[0]} on {classes[0]}"
+                f"on {theirs}, {run_dirs[0]} on {recorded[0]}"
             )
 
 
-def _trained_classes(run_dir: Path):
-    """The classes a run was trained on, in label order: as its evaluation.json lists them, or where
-    that is absent its data set and root."""
+def _recorded_classes(run_dir: Path) -> list[str] | None:
+    """The classes a run was trained on, in label order, as its evaluation.json lists them."""
     record = Path(run_dir) / "evaluation.json"
-    classes = read_json(record).get("classes") if record.is_file() else None
-    if classes:
-        return classes
+    return read_json(record).get("classes") if record.is_file() else None
+
+
+def _data_of(run_dir: Path) -> str:
     data = run_config(run_dir).data
     return f"data set {data.dataset} at {data.root or 'its default place'}"
 
