@@ -202,6 +202,11 @@ def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
     return found
 
 
+def describe_differences(there: dict[str, Any], now: dict[str, Any]) -> str:
+    """'key: <there> there, <now> now; ...' for each key where two configs differ ('' if none)."""
+    return "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in differences(there, now))
+
+
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 

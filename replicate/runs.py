@@ -11,7 +11,7 @@ import torch
 
 from replicate import devices
 from replicate.checkpoints import WEIGHT_KEYS, CheckpointError, load_weights, read_checkpoint
-from replicate.config import ConfigError, apply_overrides, differences, from_dict, to_dict
+from replicate.config import ConfigError, apply_overrides, describe_differences, from_dict, to_dict
 from replicate.data.loader import EpochBatches, StoreDataset, make_loader, prepare
 from replicate.data.transforms import Augment
 from replicate.evaluate import evaluate, write_evaluation
@@ -45,9 +45,8 @@ def require_same_config(run_dir: Path, config: ExperimentConfig) -> None:
     resuming or reusing a run under other settings would record them as if they had run."""
     if not (Path(run_dir) / "config.yaml").is_file():
         return
-    found = differences(to_dict(run_config(run_dir)), to_dict(config))
-    if found:
-        changes = "; ".join(f"{key}: {there!r} there, {now!r} now" for key, there, now in found)
+    changes = describe_differences(to_dict(run_config(run_dir)), to_dict(config))
+    if changes:
         raise ConfigError(
             f"{run_dir} was trained with other settings ({changes}). Run it again with its own settings "
             "(those of its config.yaml), or delete it or choose another train.runs_dir to train anew"

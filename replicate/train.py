@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from replicate import devices
 from replicate.checkpoints import CheckpointError, load_weights, read_checkpoint, resumable, save_atomic
-from replicate.config import ConfigError, NonNegativeInt, Positive, Section, differences, to_dict
+from replicate.config import ConfigError, NonNegativeInt, Positive, Section, describe_differences, to_dict
 from replicate.data.loader import (
     EpochBatches,
     Prepared,
@@ -409,10 +409,8 @@ def _check_run_dir(config, run_dir: Path, resume: bool) -> None:
         )
     saved = run_dir / "config.yaml"
     if saved.is_file():
-        there = yaml.safe_load(saved.read_text()) or {}
-        found = differences(there, to_dict(config))
-        if found:
-            changes = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in found)
+        changes = describe_differences(yaml.safe_load(saved.read_text()) or {}, to_dict(config))
+        if changes:
             raise TrainingError(
                 f"{run_dir} holds an attempt with other settings that stopped before its first "
                 f"checkpoint ({changes}): delete it, or choose another name, seed or train.runs_dir"

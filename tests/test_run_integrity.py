@@ -199,14 +199,7 @@ def test_a_run_killed_and_resumed_logs_its_whole_history_to_wandb_offline(tmp_pa
     wait_for_step(run_dir, 3, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "replicate", "train", "--resume", str(run_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-        env={**os.environ, "WANDB_SILENT": "true"},
-    )
+    resumed = resume(run_dir, env={"WANDB_SILENT": "true"})
     assert resumed.returncode == 0, resumed.stderr
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 2  # the killed process's, and the resumed one's

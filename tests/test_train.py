@@ -65,14 +65,20 @@ def train(runs: Path, *overrides: str, wait: bool = True, env: dict | None = Non
     return process.returncode, out, err
 
 
-def resume(run_dir: Path) -> subprocess.CompletedProcess:
+def python_m(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m <args>` from the repository root, to its end; its output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "replicate", "train", "--resume", str(run_dir)],
+        [sys.executable, "-m", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
+        env={**os.environ, **(env or {})},
     )
+
+
+def resume(run_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return python_m("replicate", "train", "--resume", str(run_dir), env=env)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -169,13 +175,8 @@ def test_training_fits_a_small_fixed_subset_well_below_chance(tmp_path):
     """25 steps on the same ten images: measured, the error over the last five epochs averages 14%
     (seed 0) and 26% (seed 1), where chance is 90% and a loader that paired labels with other images
     would stay."""
-    done = subprocess.run(
-        [sys.executable, "-m", "replicate", "train", "experiments/baseline.yaml", *FIT, *PLAIN_PATHS]
-        + [f"train.runs_dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
+    done = python_m(
+        "replicate", "train", "experiments/baseline.yaml", *FIT, *PLAIN_PATHS, f"train.runs_dir={tmp_path}"
     )
     assert done.returncode == 0, done.stderr
     errors = pd.read_csv(tmp_path / "baseline" / "seed0" / "epochs.csv")["val_top1_error"]
@@ -253,13 +254,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_the_run_resumes(tmp_path, stop
     again = train(tmp_path)
     assert again[0] == 1 and "already holds a run: resume it with --resume" in again[2]
     suggested = re.search(r"continue with `python -m replicate (train --resume \S+)`", err).group(1).split()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "replicate", *suggested],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    resumed = python_m("replicate", *suggested)
     assert resumed.returncode == 0, resumed.stderr
     assert pd.read_csv(run_dir / "steps.csv")["step"].tolist() == list(range(1, 10))
 
@@ -317,13 +312,7 @@ def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
             result.stdout,
         )
     assert f"run: {run_dir}" in result.stdout
-    table = subprocess.run(
-        [sys.executable, "-m", "analysis.summary", str(run_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    table = python_m("analysis.summary", str(run_dir))
     assert table.returncode == 0, table.stderr
     assert f"learning curve: {run_dir / 'learning_curve.png'}" in table.stdout
     assert (run_dir / "learning_curve.png").stat().st_size > 10_000
@@ -334,13 +323,7 @@ def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert again.returncode == 0 and "is finished; showing its results" in again.stdout
     # An ensemble of the run with itself averages identical softmax outputs: the single run's errors.
-    ensemble = subprocess.run(
-        [sys.executable, "-m", "replicate", "evaluate", str(run_dir), str(run_dir), "--views", "ten_crop"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    ensemble = python_m("replicate", "evaluate", str(run_dir), str(run_dir), "--views", "ten_crop")
     assert ensemble.returncode == 0, ensemble.stderr
     record = json.loads((tmp_path / "replicate-bundled" / "ensemble-of-2" / "evaluation.json").read_text())
     single = json.loads((run_dir / "evaluation.json").read_text())["views"]["ten_crop"]
@@ -356,26 +339,14 @@ def test_make_replicate_prints_the_errors_then_a_labelled_table(tmp_path):
     # Another experiment on the run's weights (no LRN, the centre crop only) never rewrites its record:
     # it goes to a file of its own, marked, which no table reads as the run's.
     own = (run_dir / "evaluation.json").read_bytes()
-    other = subprocess.run(
-        [sys.executable, "-m", "replicate", "evaluate", str(run_dir), "model.lrn=off", "--views", "centre"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    other = python_m("replicate", "evaluate", str(run_dir), "model.lrn=off", "--views", "centre")
     assert other.returncode == 0, other.stderr
     elsewhere = run_dir / "evaluations" / "model.lrn=off+weights=last+views=centre.json"
     assert f"written to {elsewhere} (not the run's own evaluation: other settings)" in other.stdout
     assert (run_dir / "evaluation.json").read_bytes() == own
     marked = json.loads(elsewhere.read_text())
     assert marked["overrides"] == ["model.lrn=off"] and "not_the_runs_own" in marked
-    tables = subprocess.run(
-        [sys.executable, "-m", "analysis.tables", str(run_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    tables = python_m("analysis.tables", str(run_dir))
     assert tables.returncode == 0 and tables.stdout == table.stdout.split("\ntable: ")[0] + "\n", tables
 
 
