@@ -45,9 +45,14 @@ replicate: $(STAMP)
 	$(PY) -m replicate replicate $(if $(DATA),data.root=$(DATA))
 	$(PY) -m analysis.summary $(REPLICATE_RUN)
 
-# The paper's ablations, 3 seeds each: the bundled preset, or DATA=/path/to/ILSVRC2012 for the full one.
+# The paper's ablations, 3 seeds each (the baseline 5): the bundled preset, or DATA=/path/to/ILSVRC2012
+# for the full one. Runs (checkpoints: ~15 GB for the bundled sweep) go to RUNS, outside the checkout;
+# each finished run's small records to analysis/results/ablations-<preset>/, from which the sweep
+# continues, here or on another machine.
+RUNS ?= $(abspath ..)/alexnet-2012-runs
 ablations: $(STAMP)
-	$(PY) -m replicate ablate $(if $(DATA),--preset full data.root=$(DATA),--preset bundled)
+	$(PY) -m replicate ablate $(if $(DATA),--preset full data.root=$(DATA),--preset bundled) \
+		train.runs_dir=$(RUNS)
 
 # Figure 1 (§3.1): ReLU vs tanh epochs to 25% CIFAR-10 training error; PRESET=full for all 50,000 images.
 figure1: $(STAMP)

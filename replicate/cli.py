@@ -134,7 +134,7 @@ def _integers(text: str) -> list[int]:
 
 def ablate_command(args: argparse.Namespace) -> int:
     """The baseline and the ablations, every seed; finished runs skipped, unfinished resumed."""
-    root = run_sweep(args.preset, args.seeds, args.overrides, args.only)
+    root = run_sweep(args.preset, args.seeds, args.overrides, args.only, args.records)
     print(f"sweep complete: {root}")
     return 0
 
@@ -204,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda text: text.split(","),
         metavar="NAME[,NAME...]",
         help="these ablation configs only",
+    )
+    ablation.add_argument(
+        "--records",
+        type=Path,
+        help="where each finished run's records go (default: analysis/results/ablations-<preset>, or "
+        "<runs_dir>/ablations-<preset>/records when overrides change what the runs compute)",
     )
     ablation.set_defaults(handler=ablate_command)
     # Commands with parsers of their own: the rest of the command line goes to their main().

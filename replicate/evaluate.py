@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import os
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -17,7 +20,7 @@ from tqdm import tqdm
 from replicate import devices
 from replicate.config import to_dict
 from replicate.data.loader import Batch, DataConfig
-from replicate.tracking import write_json
+from replicate.tracking import RecordError, write_json
 
 
 def average_softmax(
@@ -53,13 +56,17 @@ def evaluate(
     total: int | None = None,
     progress: bool = True,
     memory_format: torch.memory_format = torch.contiguous_format,
+    predictions: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """Top-1/top-5 error (%) and the mean negative log-probability of the true class.
 
     Under torch.distributed each process evaluates its shard and the counts are summed.
+    `predictions`: a list that receives each batch's (averaged softmax, labels), on the CPU and in
+    the eval split's order (under torch.distributed, every process's shards put together).
     """
     for model in models:
         model.eval()
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     sums = torch.zeros(4, dtype=torch.float64)  # images, top-1 hits, top-5 hits, -log p
     for batch in tqdm(
         batches, desc=description, total=total, unit="batch", disable=not progress, leave=False
@@ -70,14 +77,68 @@ def evaluate(
         hits = topk_correct(probabilities, labels)
         nll = -probabilities.gather(1, labels[:, None]).clamp_min(1e-12).log().sum()
         sums += torch.tensor([len(labels), hits[1], hits[5], float(nll)], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
+        if predictions is not None:
+            kept.append((probabilities.float().cpu(), labels.cpu()))
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
         dist.all_reduce(sums)
+    if predictions is not None:
+        predictions.extend(_in_split_order(kept) if distributed else kept)
     images = max(int(sums[0]), 1)
     return {
         "images": int(sums[0]),
         "top1_error": 100 * (1 - float(sums[1]) / images),
         "top5_error": 100 * (1 - float(sums[2]) / images),
         "loss": float(sums[3]) / images,
+    }
+
+
+def _in_split_order(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every process's batches put together: global batch b is rank 0's slice of it, then rank 1's
+    (`EpochBatches` without shuffling), and every rank sees the same number of batches."""
+    shards: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, kept)
+    return [
+        (torch.cat([shard[b][0] for shard in shards]), torch.cat([shard[b][1] for shard in shards]))
+        for b in range(len(kept))
+    ]
+
+
+def predictions_arrays(predictions: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+    """`evaluate`'s kept batches as one (images x classes) float32 array and one int64 label array."""
+    probabilities = torch.cat([p for p, _ in predictions]).numpy().astype(np.float32)
+    return probabilities, torch.cat([labels for _, labels in predictions]).numpy().astype(np.int64)
+
+
+def write_predictions(path: Path, labels: np.ndarray, by_views: dict[str, np.ndarray]) -> None:
+    """predictions.npz: each eval image's label and its averaged softmax under each protocol (views),
+    in the eval split's order: what an ensemble or a later analysis needs, without a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez_compressed(partial, labels=labels, **by_views)
+    os.replace(partial, path)
+
+
+def read_predictions(path: Path) -> dict[str, np.ndarray]:
+    """A predictions.npz as {labels, <views>: probabilities}; a clear error if it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return {key: saved[key] for key in saved.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise RecordError(f"{path}: not a readable predictions record ({error})") from None
+
+
+def errors_from_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1/top-5 error (%) and loss, as `evaluate` computes them, from kept probabilities."""
+    tensor, targets = torch.from_numpy(probabilities).double(), torch.from_numpy(labels)
+    hits = topk_correct(tensor, targets)
+    images = max(len(labels), 1)
+    nll = -tensor.gather(1, targets[:, None]).clamp_min(1e-12).log().sum()
+    return {
+        "images": len(labels),
+        "top1_error": 100 * (1 - hits[1] / images),
+        "top5_error": 100 * (1 - hits[5] / images),
+        "loss": float(nll) / images,
     }
 
 

@@ -1,10 +1,11 @@
 """The training loop (§5): steps, per-epoch validation and schedule, checkpoints, resume, guards.
 
 A run is a directory: config.yaml, environment.json, steps.csv, epochs.csv, checkpoints/last.pt
-and best.pt (written atomically), evaluation.json and status.json. `resume=True` continues from
-checkpoints/last.pt exactly: the data order and augmentation are keyed by (seed, epoch, position)
-and the RNG state (dropout) is in the checkpoint, so a killed and resumed run ends with the same
-weights as one never killed (on CPU with train.deterministic=true).
+and best.pt (written atomically), evaluation.json, predictions.npz (each validation image's softmax)
+and status.json. `resume=True` continues from checkpoints/last.pt exactly: the data order and
+augmentation are keyed by (seed, epoch, position) and the RNG state (dropout) is in the checkpoint,
+so a killed and resumed run ends with the same weights as one never killed (on CPU with
+train.deterministic=true).
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ from replicate.data.loader import (
     training_mode,
 )
 from replicate.data.transforms import Augment
-from replicate.evaluate import evaluate, evaluation_lines, topk_correct, write_evaluation
+from replicate.evaluate import (
+    evaluate,
+    evaluation_lines,
+    predictions_arrays,
+    topk_correct,
+    write_evaluation,
+    write_predictions,
+)
 from replicate.optim import PaperSGD, PlateauSchedule, paper_optimizer
 from replicate.run_lock import RunInUse, RunLock
 from replicate.speed import autocast, begin_step, build_network, compiled, memory_format
@@ -229,7 +237,9 @@ class Trainer:
             best = {"model": self.model.state_dict(), "position": vars(self.position).copy()}
             save_atomic({**best, "best_error": self.best_error}, self.run_dir / "checkpoints" / "best.pt")
 
-    def evaluate(self, views: str, progress: bool = True) -> dict[str, float]:
+    def evaluate(
+        self, views: str, progress: bool = True, predictions: list | None = None
+    ) -> dict[str, float]:
         store = self.prepared.eval
         sampler = EpochBatches(
             len(store),
@@ -252,6 +262,7 @@ class Trainer:
                 len(sampler),
                 progress and self.rank == 0,
                 self.memory_format,
+                predictions,
             )
 
     def run(self, tracker: Tracker | None, stop: StopRequested) -> None:
@@ -416,7 +427,7 @@ def _check_run_dir(config, run_dir: Path, resume: bool) -> None:
                 f"checkpoint ({changes}): delete it, or choose another name, seed or train.runs_dir"
             )
         print(f"{run_dir}: its earlier attempt stopped before its first checkpoint; starting it anew")
-        for name in ("steps.csv", "epochs.csv", "evaluation.json", "wandb_id.txt"):
+        for name in ("steps.csv", "epochs.csv", "evaluation.json", "predictions.npz", "wandb_id.txt"):
             (run_dir / name).unlink(missing_ok=True)
         for partial in (run_dir / "checkpoints").glob("*.partial"):  # a first checkpoint cut short
             partial.unlink()
@@ -453,7 +464,8 @@ def _train_in(config, run_dir: Path, resume: bool) -> Path:
     try:
         with StopRequested() as stop:
             trainer.run(tracker, stop)
-            results = {views: trainer.evaluate(views) for views in config.train.final_views}
+            kept = {views: [] for views in config.train.final_views}
+            results = {views: trainer.evaluate(views, predictions=kept[views]) for views in kept}
     except Interrupted as stopped:
         if trainer.rank == 0:
             write_status(
@@ -482,6 +494,9 @@ def _train_in(config, run_dir: Path, resume: bool) -> Path:
             config.speed.precision,
             classes=trainer.prepared.train.classes,
         )
+        arrays = {views: predictions_arrays(batches) for views, batches in kept.items()}
+        labels = next(iter(arrays.values()))[1]
+        write_predictions(run_dir / "predictions.npz", labels, {v: p for v, (p, _) in arrays.items()})
         print(evaluation_lines(record))
         tracker.final_evaluation(record)
         if config.tracking.log_checkpoint:

@@ -79,7 +79,7 @@ def test_the_runner_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path)
     assert "train: " in second.stdout and "no_lrn/seed0" in second.stdout
     third = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert third.returncode == 0, third.stderr
-    assert third.stdout.count("skip (finished)") == 2
+    assert third.stdout.count("skip (recorded)") == 2
     saved = (tmp_path / "ablations-bundled" / "no_lrn" / "seed0" / "config.yaml").read_text()
     assert "lrn: 'off'" in saved or "lrn: off" in saved
     assert "group: ablations-bundled" in saved
