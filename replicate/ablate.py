@@ -155,7 +155,9 @@ def add_wandb_run(run_dir: Path, archive: Path, name: str) -> None:
 
 
 def _without_debug_logs(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    return None if "/logs/" in member.name or member.name.endswith("/logs") else member
+    """Plain files and folders only (W&B links its debug logs), and no debug logs."""
+    logs = "/logs/" in member.name or member.name.endswith("/logs")
+    return member if (member.isfile() or member.isdir()) and not logs else None
 
 
 def ensure_trained(config: ExperimentConfig, run_dir: Path, record: Path, log: list[dict]) -> None:
@@ -240,6 +242,7 @@ def run_sweep(
             print(f"ensemble: {out / 'evaluation.json'}")
             log.append({"run": str(out), "action": "evaluated"})
         # kind "views": the baseline runs' evaluation.json already holds both protocols.
+    root.mkdir(parents=True, exist_ok=True)  # every run recorded: nothing else made it
     write_json(
         root / "sweep.json",
         {

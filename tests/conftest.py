@@ -1,4 +1,7 @@
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,19 @@ HANG_GUARD_S = 1800
 PLAIN_PATHS = ["speed.lrn_kernel=torch", "speed.conv_algorithm=direct"]
 # The bundled data: a test that prepares it skips in a checkout without the mirror beside it.
 needs_mirror = pytest.mark.skipif(not MIRROR_DIR.is_dir(), reason="needs the data mirror beside the checkout")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_m(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m <args>` from the repository root, to its end; its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,16 +1,31 @@
+import csv
+import io
+import json
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from replicate.ablate import ablation_files, preset_overrides
+from replicate.ablate import (
+    RECORD_FILES,
+    WANDB_ARCHIVE,
+    ablation_files,
+    ensemble_record,
+    preset_overrides,
+)
 from replicate.config import ConfigError, read_yaml, to_dict
+from replicate.evaluate import errors_from_probabilities, read_predictions
 from replicate.experiment import load_experiment
 from replicate.paper import load_claims
-from tests.conftest import HANG_GUARD_S, PLAIN_PATHS, needs_mirror
+from replicate.runs import evaluate_runs
+from replicate.tracking import RecordError
+from replicate.wandb_offline import offline_folders, read_offline_run, safe_extract
+from tests.conftest import HANG_GUARD_S, PLAIN_PATHS, needs_mirror, python_m
 
 ROOT = Path(__file__).resolve().parents[1]
 METADATA = {"name", "tracking.variant", "ablation.claim", "ablation.kind", "ablation.ensemble_size"}
@@ -83,3 +98,116 @@ def test_the_runner_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path)
     saved = (tmp_path / "ablations-bundled" / "no_lrn" / "seed0" / "config.yaml").read_text()
     assert "lrn: 'off'" in saved or "lrn: off" in saved
     assert "group: ablations-bundled" in saved
+
+
+@pytest.fixture(scope="module")
+def recorded_sweep(tmp_path_factory):
+    """The tiny sweep (baseline and no_lrn, seed 0) with W&B offline and its records in their own
+    folder: (records folder, runs folder)."""
+    root = tmp_path_factory.mktemp("recorded")
+    records, runs = root / "records", root / "machine1"
+    command = tiny_sweep(runs, "tracking.wandb=offline", "--records", str(records))
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return records, runs
+
+
+@pytest.mark.slow
+@needs_mirror
+def test_each_finished_run_leaves_its_small_records_and_no_checkpoint(recorded_sweep):
+    records, runs = recorded_sweep
+    for name in ("baseline", "no_lrn"):
+        record = records / name / "seed0"
+        assert sorted(p.name for p in record.iterdir()) == sorted([*RECORD_FILES, "steps.csv"])
+        evaluation = json.loads((record / "evaluation.json").read_text())
+        saved = read_predictions(record / "predictions.npz")
+        assert len(saved["labels"]) == 20 and saved["centre"].shape == saved["ten_crop"].shape == (20, 10)
+        for views in ("centre", "ten_crop"):
+            assert abs(saved[views].sum(1) - 1).max() < 1e-5  # each row a softmax
+            again = errors_from_probabilities(saved[views], saved["labels"])
+            assert again["top1_error"] == evaluation["views"][views]["top1_error"]
+            assert again["top5_error"] == evaluation["views"][views]["top5_error"]
+            assert abs(again["loss"] - evaluation["views"][views]["loss"]) < 1e-5
+        assert (runs / "ablations-bundled" / name / "seed0" / "checkpoints" / "last.pt").is_file()
+    assert not list(records.rglob("*.pt"))
+
+
+@pytest.mark.slow
+@needs_mirror
+def test_a_sweep_continues_from_its_records_alone_on_another_machine(recorded_sweep, tmp_path):
+    records, _ = recorded_sweep
+    elsewhere = tmp_path / "machine2"  # no runs at all: only the records
+    command = tiny_sweep(elsewhere, "tracking.wandb=offline", "--records", str(records))
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("skip (recorded)") == 2 and "train: " not in done.stdout
+    assert not (elsewhere / "ablations-bundled" / "no_lrn").exists()
+
+
+@pytest.mark.slow
+@needs_mirror
+def test_a_record_of_other_settings_is_refused_not_counted(recorded_sweep, tmp_path):
+    records, _ = recorded_sweep
+    copy = tmp_path / "records"
+    shutil.copytree(records, copy)
+    config = copy / "no_lrn" / "seed0" / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.01", "lr: 0.02"))
+    command = tiny_sweep(tmp_path / "runs", "tracking.wandb=offline", "--records", str(copy))
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 2
+    assert "holds this run under other settings (optim.lr: 0.02 there, 0.01 now)" in done.stderr
+
+
+@pytest.mark.slow
+@needs_mirror
+def test_the_ensemble_from_recorded_predictions_equals_the_ensemble_of_the_checkpoints(
+    recorded_sweep, tmp_path
+):
+    """§6's softmax average computed from predictions.npz, against the networks themselves."""
+    records, runs = recorded_sweep
+    names = ("baseline", "no_lrn")
+    from_records = ensemble_record([records / n / "seed0" for n in names], tmp_path / "records")
+    run_dirs = [runs / "ablations-bundled" / n / "seed0" for n in names]
+    from_networks = evaluate_runs(run_dirs, ["centre", "ten_crop"], out=tmp_path / "networks")
+    for views in ("centre", "ten_crop"):
+        ours, theirs = from_records["views"][views], from_networks["views"][views]
+        assert ours["images"] == theirs["images"] == 20
+        assert (ours["top1_error"], ours["top5_error"]) == (theirs["top1_error"], theirs["top5_error"])
+        assert abs(ours["loss"] - theirs["loss"]) < 1e-4
+
+
+@pytest.mark.slow
+@needs_mirror
+def test_a_run_logged_offline_by_the_sweep_holds_its_epochs_evaluation_group_and_tags(
+    recorded_sweep, tmp_path
+):
+    records, _ = recorded_sweep
+    safe_extract(records / WANDB_ARCHIVE, tmp_path)
+    runs = {run.name: run for run in map(read_offline_run, offline_folders(tmp_path))}
+    assert sorted(runs) == ["baseline-seed0", "no_lrn-seed0"]
+    run = runs["no_lrn-seed0"]
+    assert run.group == "ablations-bundled"
+    assert {"experiment:no_lrn", "variant:no_lrn", "seed:0"} <= set(run.tags)
+    epochs = [
+        int(row["epoch"]) for row in csv.DictReader((records / "no_lrn" / "seed0" / "epochs.csv").open())
+    ]
+    assert run.values("epoch/epoch") == epochs == [1, 2]
+    recorded = json.loads((records / "no_lrn" / "seed0" / "evaluation.json").read_text())
+    for views in ("centre", "ten_crop"):
+        assert run.summary[f"{views}/top1_error"] == recorded["views"][views]["top1_error"]
+    table = run.values("final_evaluation/path")
+    assert len(table) == 1 and (run.folder / "files" / table[0]).is_file()
+    listed = python_m("replicate", "sync-wandb", str(records), "--list")
+    assert listed.returncode == 0 and "no_lrn-seed0: group ablations-bundled" in listed.stdout
+
+
+def test_an_archive_member_outside_its_folder_or_a_link_is_refused(tmp_path):
+    for name, kind in (("../outside.txt", tarfile.REGTYPE), ("run/link", tarfile.SYMTYPE)):
+        archive = tmp_path / f"{kind!r}.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            member = tarfile.TarInfo(name)
+            member.type, member.linkname = kind, "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+            tar.addfile(member, io.BytesIO(b""))
+        with pytest.raises(RecordError, match="refused member"):
+            safe_extract(archive, tmp_path / "out")
+        assert not (tmp_path / "outside.txt").exists()

@@ -17,7 +17,7 @@ import torch
 
 from replicate.checkpoints import WEIGHT_KEYS, read_checkpoint
 from replicate.tracking import processor
-from tests.conftest import HANG_GUARD_S, PLAIN_PATHS, needs_mirror
+from tests.conftest import HANG_GUARD_S, PLAIN_PATHS, needs_mirror, python_m
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -63,18 +63,6 @@ def train(runs: Path, *overrides: str, wait: bool = True, env: dict | None = Non
         return process
     out, err = process.communicate(timeout=HANG_GUARD_S)
     return process.returncode, out, err
-
-
-def python_m(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m <args>` from the repository root, to its end; its output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def resume(run_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
