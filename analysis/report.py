@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures
+from analysis.ablation_results import write_sweep_results
 from analysis.index_page import write_index
 from analysis.records import find_record, load_records, training_runs
 from analysis.summary import summarise
@@ -32,6 +33,7 @@ from replicate.paper import load_claims
 
 NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
 RESULTS = Path(__file__).resolve().parent / "results"  # small records committed with the repository
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def runs_dir() -> Path:
@@ -197,6 +199,9 @@ def make_committed_figures() -> list[Path]:
     replicate = results_dir() / "replicate-bundled" / "seed0"
     if (replicate / "epochs.csv").is_file():
         drawn += summarise(replicate, formats=("png",))[1][1:]
+    readme = README if results_dir().resolve() == RESULTS.resolve() else None  # not from a copy
+    for sweep in sorted(p for p in results_dir().glob("ablations-*") if p.is_dir()):
+        drawn += write_sweep_results(sweep, readme)
     return drawn
 
 

@@ -119,12 +119,29 @@ class CsvLog:
         self.path = path
 
     def append(self, row: dict[str, Any]) -> None:
-        new = not self.path.is_file()
+        header = self._header() if self.path.is_file() else []
+        added = [key for key in row if key not in header]
+        if header and added:  # a run resumed by a version that records more columns
+            header = [*header, *added]
+            self._rewrite(header)
         with open(self.path, "a", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(row))
-            if new:
+            writer = csv.DictWriter(file, fieldnames=header or list(row), restval="")
+            if not header:
                 writer.writeheader()
             writer.writerow(row)
+
+    def _header(self) -> list[str]:
+        with open(self.path, newline="") as file:
+            return next(csv.reader(file), [])
+
+    def _rewrite(self, fieldnames: list[str]) -> None:
+        rows = self.rows()
+        partial = self.path.with_name(self.path.name + ".partial")
+        with open(partial, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fieldnames, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        partial.replace(self.path)
 
     def rows(self) -> list[dict[str, str]]:
         if not self.path.is_file():

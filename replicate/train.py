@@ -271,6 +271,7 @@ class Trainer:
         try:
             while position.epoch < train.epochs:
                 self.sampler.set_epoch(position.epoch, position.batch)
+                self.epoch_started = time.perf_counter()  # epochs.csv's seconds: this process's share
                 self._epoch(tracker, stop)
                 if stop.requested or (train.max_steps and position.step >= train.max_steps):
                     self.checkpoint()
@@ -363,6 +364,7 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "lr_reduced": reduced,
                     "lr_reductions": self.schedule.reductions,
+                    "seconds": time.perf_counter() - self.epoch_started,  # training and validation
                 },
                 position.step,
             )
@@ -464,8 +466,11 @@ def _train_in(config, run_dir: Path, resume: bool) -> Path:
     try:
         with StopRequested() as stop:
             trainer.run(tracker, stop)
-            kept = {views: [] for views in config.train.final_views}
-            results = {views: trainer.evaluate(views, predictions=kept[views]) for views in kept}
+            kept, results = {views: [] for views in config.train.final_views}, {}
+            for views in kept:
+                started = time.perf_counter()
+                results[views] = trainer.evaluate(views, predictions=kept[views])
+                results[views]["seconds"] = time.perf_counter() - started
     except Interrupted as stopped:
         if trainer.rank == 0:
             write_status(

@@ -57,3 +57,16 @@ def test_the_processor_names_its_model_cores_and_vector_instructions():
     name, cores, capability = tracking.processor().rsplit("; ", 2)
     assert name and cores == f"{os.cpu_count()} logical cores"
     assert capability == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512: kernels differ
+
+
+def test_a_log_resumed_by_a_version_with_more_columns_keeps_every_row_under_one_header(tmp_path):
+    log = tracking.CsvLog(tmp_path / "epochs.csv")
+    log.append({"epoch": 1, "val_top1_error": 80.0})
+    log.append({"epoch": 2, "val_top1_error": 70.0, "seconds": 91.5})
+    log.append({"epoch": 3, "val_top1_error": 65.0, "seconds": 90.0})
+    assert (tmp_path / "epochs.csv").read_text().splitlines() == [
+        "epoch,val_top1_error,seconds",
+        "1,80.0,",
+        "2,70.0,91.5",
+        "3,65.0,90.0",
+    ]

@@ -1,0 +1,163 @@
+"""A sweep's committed records (analysis/results/ablations-<preset>/) as the README's ablation table
+and chart: the paper's delta, the 2012 code's, the measured one (variant minus baseline on the same
+seeds: mean, 95% t-interval, n) and the baseline, each row linking its records.
+
+`make report` writes ablation_table.md and ablations.png into the sweep's folder and the table into
+README.md between its two markers (`update_readme`); nothing in it is typed by hand.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import figures
+from analysis.records import load_records
+from analysis.stats import mean_ci
+from analysis.tables import claim_deltas, markdown
+from replicate.ablate import ablation_files
+from replicate.experiment import load_experiment
+from replicate.paper import lab_delta, load_claims
+from replicate.tracking import read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN = "<!-- ablation table: written by `make report` from analysis/results/{sweep}; do not edit -->"
+END = "<!-- end of the ablation table -->"
+RECORDS_OF = {"ten_crop": "baseline"}  # a comparison computed from the baseline's own records
+
+
+def configs_by_claim() -> dict[str, str]:
+    """Each claim id of paper/claims.yaml -> the ablation config that tests it."""
+    return {load_experiment(path).ablation.claim: path.stem for path in ablation_files()}
+
+
+def hardware(sweep: Path) -> str:
+    """The processors, torch versions and commits of the sweep's runs, each with its count of runs."""
+    environments = [read_json(p) for p in sorted(sweep.glob("*/seed*/environment.json"))]
+
+    def counted(key: str, shorten=lambda v: v) -> str:
+        values = pd.Series([shorten(str(e.get(key, "?"))) for e in environments]).value_counts()
+        return ", ".join(f"{value} ({count} runs)" for value, count in values.items())
+
+    return (
+        f"processor: {counted('processor')}; torch {counted('torch')}; "
+        f"commit {counted('git_commit', lambda v: v[:7])}"
+    )
+
+
+def baseline_spread(records: pd.DataFrame) -> dict | None:
+    """The baseline's 10-crop top-1 and top-5 error over its seeds: mean, 95% CI, standard deviation."""
+    baseline = records[(records["claim"] == "") & (records["kind"] == "train")]
+    ten = baseline[baseline["protocol"] == "ten_crop"].sort_values("seed")
+    if ten.empty:
+        return None
+    top1, top5 = list(ten["top1_error"]), list(ten["top5_error"])
+    return {
+        "seeds": [int(s) for s in ten["seed"]],
+        "top1": mean_ci(top1),
+        "top5": mean_ci(top5),
+        "top1_sd": statistics.stdev(top1) if len(top1) > 1 else float("nan"),
+        "top1_each": top1,
+    }
+
+
+def _baseline_of(claim: str, records: pd.DataFrame) -> str:
+    """The baseline's mean 10-crop top-1 error over the seeds this comparison pairs it with."""
+    baseline = records[(records["claim"] == "") & (records["kind"] == "train")]
+    ten = baseline[baseline["protocol"] == "ten_crop"]
+    variant = records[(records["claim"] == claim) & (records["kind"] == "train")]
+    if claim not in ("ten_crop", "ensemble_5cnns"):
+        ten = ten[ten["seed"].isin(set(variant["seed"]))]
+    return f"{ten['top1_error'].mean():.1f}" if not ten.empty else "-"
+
+
+def _paper(claim: dict) -> str:
+    bound = {"at_least": "over ", "about": "about "}.get(claim.get("bound", ""), "")
+    top1 = f"{bound}{claim['top1_delta']:+g}" if "top1_delta" in claim else "not reported"
+    return top1 + (f" / {claim['top5_delta']:+g}" if "top5_delta" in claim else "")
+
+
+def table(sweep: Path, link: str) -> tuple[pd.DataFrame, dict[str, list[float]], dict[str, float | None]]:
+    """The README's rows for every comparison of paper/claims.yaml, measured or "not run yet"; and the
+    top-1 deltas per comparison and the paper's, for the chart. `link`: the sweep folder as the
+    README links it."""
+    records = load_records(sweep)
+    configs = configs_by_claim()
+    rows, deltas, paper = [], {}, {}
+    for claim in load_claims()["ablations"]:
+        found = claim_deltas(claim["id"], records)
+        lab = lab_delta(claim["id"])
+        folder = RECORDS_OF.get(claim["id"], configs.get(claim["id"], claim["id"]))
+        row = {
+            "comparison": claim["variant"],
+            "§": claim["section"].split(" (")[0].lstrip("§"),
+            "paper Δ top-1 / top-5": _paper(claim),
+            "2012 code Δ top-1 / top-5": f"{lab[0]:+.2f} / {lab[1]:+.2f}" if lab else "not recorded",
+        }
+        if found is None or isinstance(found, str):
+            measured = {"measured Δ top-1": found or "not run yet", "measured Δ top-5": "", "n": 0}
+            rows.append({**row, **measured, "baseline top-1": "-", "records": "-"})
+            continue
+        top1, top5, protocol, _ = found
+        deltas[claim["variant"]], paper[claim["variant"]] = top1, claim.get("top1_delta")
+        rows.append(
+            {
+                **row,
+                "measured Δ top-1": mean_ci(top1).text(1),
+                "measured Δ top-5": mean_ci(top5).text(1),
+                "n": len(top1),
+                "baseline top-1": _baseline_of(claim["id"], records),
+                "records": f"[{folder}/]({link}/{folder}/)",
+            }
+        )
+    return pd.DataFrame(rows), deltas, paper
+
+
+def readme_block(sweep: Path, link: str) -> str:
+    """The README's ablation block: the baseline and its spread, the hardware, the table."""
+    rows, _, _ = table(sweep, link)
+    spread = baseline_spread(load_records(sweep))
+    lines = [BEGIN.format(sweep=sweep.name)]
+    if spread is None:
+        lines.append("No run of this sweep has finished yet.")
+    else:
+        each = ", ".join(f"{e:.1f}" for e in spread["top1_each"])
+        top1, top5 = spread["top1"], spread["top5"]
+        interval = f" ± {top1.half_width:.1f} (95% CI)" if top1.n > 1 else ""
+        sd = f", standard deviation {spread['top1_sd']:.1f} points" if top1.n > 1 else ""
+        lines.append(
+            f"Baseline, seeds {', '.join(map(str, spread['seeds']))}: 10-crop top-1 error "
+            f"{top1.mean:.1f}{interval} % (each seed: {each}{sd}); top-5 {top5.mean:.1f} %. "
+            f"Runs on {hardware(sweep)}."
+        )
+    lines += ["", markdown(rows), END]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, block: str, sweep: str) -> bool:
+    """Replace the README's block of this sweep (its markers included) with `block`; False if the
+    README has no block of it."""
+    text = readme.read_text()
+    begin = text.find(BEGIN.format(sweep=sweep))
+    end = text.find(END, begin)
+    if begin < 0 or end < 0:
+        return False
+    readme.write_text(text[:begin] + block + text[end + len(END) :])
+    return True
+
+
+def write_sweep_results(sweep: Path, readme: Path | None = None) -> list[Path]:
+    """ablation_table.md and ablations.png into `sweep`, and the README's block when `readme` is given."""
+    where = sweep.resolve()
+    link = where.relative_to(ROOT).as_posix() if where.is_relative_to(ROOT) else str(sweep)
+    block = readme_block(sweep, link)
+    written = [sweep / "ablation_table.md"]
+    written[0].write_text(block.replace(f"({link}/", "(") + "\n")  # links relative to the sweep folder
+    _, deltas, paper = table(sweep, link)
+    if deltas:
+        written += figures.save(figures.ablation_chart(deltas, paper), "ablations", sweep, formats=("png",))
+    if readme is not None and update_readme(readme, block, sweep.name):
+        written.append(readme)
+    return written
