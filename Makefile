@@ -102,14 +102,14 @@ bench-gpu: $(STAMP)
 		$(BENCH_OUT)/bf16-cl-compile.json --data $(BENCH_OUT)/data.json --contender "replicate (per-column)" \
 		--pipeline steady_raw_device
 
-# On one GPU, in about ten minutes (the projection is printed first): the GPU tests, the headline bench
-# lines, the bundled ablation sweep (--preset gpu, 3 seeds) and the report, all under OUT, packed
-# (checkpoints left out) into OUT/evidence-records.tar.gz (analysis/evidence.py). STEPS=sweep,report:
-# only those; MINUTES=9: stop in time for the report, the same command again resumes. SMOKE=1: every
-# step at toy size, on any CPU (CI runs it).
+# On one GPU (its projected time printed first): the GPU tests, the headline bench lines, the bundled
+# ablation sweep (--preset gpu: the baseline's 5 seeds, each ablation's 3) and the report, all under
+# OUT, packed (checkpoints left out) into OUT/evidence-records.tar.gz (replicate/gpu_evidence.py).
+# STEPS=sweep,report: only those; MINUTES=9: stop in time for the report, the same command again
+# resumes. SMOKE=1: every step at toy size, on any CPU (CI runs it).
 OUT ?= reports/gpu-evidence
 gpu-evidence: $(STAMP)
-	$(PY) -m analysis.evidence $(OUT) $(if $(SMOKE),--smoke) $(if $(STEPS),--steps $(STEPS)) \
+	$(PY) -m replicate gpu-evidence $(OUT) $(if $(SMOKE),--smoke) $(if $(STEPS),--steps $(STEPS)) \
 		$(if $(MINUTES),--minutes $(MINUTES))
 
 clean-venv:

@@ -13,6 +13,7 @@ evaluation.json, the ensemble of seeds from its predictions.npz.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -138,6 +139,13 @@ def add_wandb_run(run_dir: Path, archive: Path, name: str) -> None:
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     if not offline:
         return
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with open(archive.with_name(f".{archive.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # sweeps of several seeds side by side share the archive
+        _add_to_archive(offline, archive, name, run_dir)
+
+
+def _add_to_archive(offline: list[Path], archive: Path, name: str, run_dir: Path) -> None:
     partial = archive.with_name(archive.name + ".partial")
     with tarfile.open(partial, "w:gz") as out:
         if archive.is_file():

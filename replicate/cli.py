@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from replicate import speed, wandb_offline
+from replicate import gpu_evidence, speed, wandb_offline
 from replicate.ablate import PRESETS, run_sweep
 from replicate.bench import data as bench_data
 from replicate.bench import network as bench_network
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             "hours for 90 epochs of ILSVRC-2012 from bench and bench-data records",
         ),
         "sync-wandb": (wandb_offline.main, "a sweep's offline W&B runs (its records) uploaded to W&B"),
+        "gpu-evidence": (gpu_evidence.main, "on one GPU: its tests, benchmarks, the sweep and the report"),
     }
     for name, (_, help_text) in own_parsers.items():
         commands.add_parser(name, help=help_text, add_help=False)

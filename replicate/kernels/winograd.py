@@ -377,7 +377,7 @@ def use_winograd(model: nn.Module, compiled: bool = True) -> list[str]:
 
     A ReLU right after a swapped layer (in an `nn.Sequential`) moves into its output transform, which
     saves a pass over the maps: the ReLU's place holds an `nn.Identity`. (Before an LRN whose compiled
-    kernel took the ReLU already, `lrn.use_lrn_kernel`, the place holds an `nn.Identity` already.)"""
+    kernel took the ReLU already, `speed.use_lrn_kernel`, the place holds an `nn.Identity` already.)"""
     shared: dict[tuple[int, int, int], WinogradConv] = {}
     swapped = []
     for parent_name, parent in list(model.named_modules()):

@@ -1,5 +1,5 @@
-"""`make gpu-evidence OUT=dir` (= `python -m analysis.evidence OUT`): in one call on one GPU, what a
-CPU cannot show, every record under OUT:
+"""`make gpu-evidence OUT=dir` (= `python -m replicate gpu-evidence OUT`): in one call on one GPU,
+what a CPU cannot show, every record under OUT:
 
 1. the GPU-only tests (`pytest -m gpu`, OUT/gpu-tests.xml);
 2. the headline `bench` lines (OUT/bench/): every default (fp32), the Triton LRN in fp32 (whether
@@ -7,8 +7,9 @@ CPU cannot show, every record under OUT:
    records measured (bf16 autocast, channels-last, torch.compile);
 3. the bundled ablation sweep under `--preset gpu` (experiments/presets/gpu.yaml): the baseline and
    every ablation of experiments/ablations/, seeds 0-2 (and baseline seeds 3-4 for the 5-CNN
-   ensemble), OUT/runs. The seeds train side by side, one process each sharing the GPU, after the
-   data is prepared once;
+   ensemble), OUT/runs, each finished run's small records in OUT/records (as the CPU sweep's in
+   analysis/results/ablations-bundled). The seeds train side by side, one process each sharing the
+   GPU, after the data is prepared once;
 4. `make report` on those runs: OUT/report/ (tables, figures, index.html).
 
 Before the first step it prints the projected time from the H100 records of analysis/benchmarks/h100
@@ -148,7 +149,8 @@ def projection(record_dir: Path = H100) -> tuple[float, list[str]]:
 def steps(out: Path, smoke: bool) -> list[Step]:
     python = sys.executable
     runs = out / "runs"
-    sweep = [python, "-m", "replicate", "ablate", "--preset", "gpu", f"train.runs_dir={runs}"]
+    sweep = [python, "-m", "replicate", "ablate", "--preset", "gpu", "--records", str(out / "records")]
+    sweep += [f"train.runs_dir={runs}"]
     sweep += SMOKE_SWEEP if smoke else []
     seeds = SEEDS[:2] if smoke else SEEDS
     side_by_side = ["no_lrn"] if smoke else [name for name in ablation_names() if name != ENSEMBLE]
@@ -318,7 +320,7 @@ def previous_record(out: Path, smoke: bool) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m analysis.evidence",
+        prog="python -m replicate gpu-evidence",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit status: 0 every step ok; 1 a step failed; 2 a usage error; "
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     if unfinished:
         print(f"unfinished runs ({len(unfinished)}): {', '.join(unfinished)}")
     if incomplete or unfinished:
-        again = " ".join(["python -m analysis.evidence", *(sys.argv[1:] if argv is None else argv)])
+        again = " ".join(["python -m replicate gpu-evidence", *(sys.argv[1:] if argv is None else argv)])
         print(f"the same command with the same OUT finishes them: {again}")
     print(f"records: {archive} ({packed} files, {archive.stat().st_size / 2**20:.1f} MiB, no checkpoints)")
     return 1 if failed else 3 if incomplete else 0
