@@ -99,7 +99,7 @@ def ablation_names() -> list[str]:
     return sorted(path.stem for path in (ROOT / "experiments" / "ablations").glob("*.yaml"))
 
 
-def training_runs() -> int:
+def sweep_run_count() -> int:
     """Runs the gpu sweep trains: the baseline's 5 seeds and each trained ablation's 3."""
     trained = 0
     for name in ablation_names():
@@ -123,7 +123,7 @@ def projection(record_dir: Path = H100) -> tuple[float, list[str]]:
         + BUNDLED_VAL / ten_crop_rate
         + ASSUMED_SECONDS["run overhead"]
     )
-    runs = training_runs()
+    runs = sweep_run_count()
     ensemble = 5 * BUNDLED_VAL / ten_crop_rate
     # the side-by-side seeds: from perfect sharing of the GPU (each seed's runs as if alone) to none
     shared = ((runs - 2) / len(SEEDS) + 2) * run + ensemble

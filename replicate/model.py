@@ -260,7 +260,8 @@ class AlexNet(nn.Module):
         super().__init__()
         self.config = config = ModelConfig(num_classes=num_classes, **variant)
         # Both columns' convolutions as one tensor when they share a device: the same function, but
-        # measured slower in eager mode on CPU and H100 (BENCHMARKS.md), so off unless asked for.
+        # slower in eager mode (the fused contender of `python -m replicate bench`: BENCHMARKS.md), so
+        # off unless asked for.
         self.fused = fused
         self.stages = plan_stages(config)
         side = feature_side(config, self.stages)
@@ -310,8 +311,9 @@ class AlexNet(nn.Module):
     def column_devices(self) -> list[torch.device]:
         return [column.fc6[0].weight.device for column in self.columns]
 
-    def _exchange(self, parts: list[torch.Tensor], layer: str) -> list[torch.Tensor]:
-        """Each column's input to `layer`: all columns' outputs, concatenated on its own device.
+    def _exchange(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each column's input to a layer that reads both columns (conv3, FC6, FC7, §3.2): all columns'
+        outputs, concatenated on its own device.
         The only place activations move between columns (and so between devices)."""
         if not self.config.column_communication:  # #150: each column keeps its own
             return parts
@@ -329,7 +331,7 @@ class AlexNet(nn.Module):
         for stage in self.stages:
             name = stage.layer.name
             if stage.reads_both_columns:
-                maps = self._exchange(maps, name)
+                maps = self._exchange(maps)
             maps = [column.convs[name](m) for column, m in zip(self.columns, maps, strict=True)]
         return maps
 
@@ -351,21 +353,21 @@ class AlexNet(nn.Module):
                 hidden = [part.flatten(1) for part in maps.chunk(2, dim=1)]
         else:
             maps = self._conv_stack(images)
-            hidden = self._exchange([m.flatten(1) for m in maps], "fc6")
+            hidden = self._exchange([m.flatten(1) for m in maps])
         hidden = [column.dropout6(column.fc6(h)) for column, h in zip(self.columns, hidden, strict=True)]
-        hidden = self._exchange(hidden, "fc7")
+        hidden = self._exchange(hidden)
         return [column.fc7(h) for column, h in zip(self.columns, hidden, strict=True)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores (logits; the softmax is in the loss) for a batch of crops."""
         hidden = [column.dropout7(h) for column, h in zip(self.columns, self._hidden(images), strict=True)]
-        return self.fc8(self._gather(hidden, "fc8"))
+        return self.fc8(self._gather(hidden))
 
     def fc7_features(self, images: torch.Tensor) -> torch.Tensor:
         """The 4096-d activations of the last hidden layer, FC7 after its ReLU (Figure 4)."""
-        return self._gather(self._hidden(images), "fc7-features")
+        return self._gather(self._hidden(images))
 
-    def _gather(self, parts: list[torch.Tensor], layer: str) -> torch.Tensor:
+    def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """All columns' units on FC8's device (§3.5: FC8 reads every FC7 unit)."""
         device = self.fc8.weight.device
         return torch.cat([part.to(device) for part in parts], dim=1)

@@ -1,11 +1,11 @@
 """Max-pooling (§3.4: overlapping, z = 3, s = 2; or the non-overlapping z = s = 2 of the ablation).
 
 The same function as `nn.MaxPool2d`, computed in the channels-last layout on the CPU: PyTorch's CPU
-kernel vectorises over the channels there and runs one output at a time in NCHW, which is 1.5-2.3x
-slower in forward + backward on the three pooling layers' maps, even counting the two layout
-conversions (`make bench`'s pool lines; BENCHMARKS.md). Each window's first maximum (row-major)
-is taken in both layouts, so the outputs and the indices, and so the gradients, are identical
-(tested).
+kernel vectorises over the channels there and runs one output at a time in NCHW, which is slower
+in forward + backward on the three pooling layers' maps, even counting the two layout conversions
+(`python -m replicate bench`'s pool lines; BENCHMARKS.md, "The network"). Each window's first
+maximum (row-major) is taken in both layouts, so the outputs and the indices, and so the gradients,
+are identical (tested).
 """
 
 from __future__ import annotations

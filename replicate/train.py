@@ -313,7 +313,7 @@ class Trainer:
                 seen += len(labels) * self.world
                 bar.update()
                 if position.step % train.log_every == 0 and tracker is not None:
-                    errors = topk_correct(logits.detach().softmax(-1), labels, (1,))
+                    hits = topk_correct(logits.detach().softmax(-1), labels, (1,))
                     rate = seen / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
                     tracker.log_step(
@@ -322,7 +322,7 @@ class Trainer:
                             "epoch": position.epoch,
                             "batch": position.batch,
                             "loss": loss.item(),
-                            "top1_error": 100 * (1 - errors[1] / len(labels)),
+                            "top1_error": 100 * (1 - hits[1] / len(labels)),
                             "lr": self.optimizer.param_groups[0]["lr"],
                             "images_per_s": rate,
                         }

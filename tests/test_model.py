@@ -143,19 +143,27 @@ def test_two_devices_give_the_same_function_and_cross_only_at_conv3_fc6_fc7_fc8(
     single = AlexNet(10).eval()
     placed = AlexNet(10, devices=("cpu", "cpu"), fused=False).eval()
     placed.load_state_dict(single.state_dict())
-    crossings = []
-    original = placed._exchange
+    crossings = []  # (how, the shape of one column's part) at each crossing between columns
+    original, original_gather = placed._exchange, placed._gather
     monkeypatch.setattr(
-        placed, "_exchange", lambda parts, layer: crossings.append(layer) or original(parts, layer)
+        placed,
+        "_exchange",
+        lambda parts: crossings.append(("exchange", tuple(parts[0].shape[1:]))) or original(parts),
     )
-    original_gather = placed._gather
     monkeypatch.setattr(
         placed,
         "_gather",
-        lambda parts, layer: crossings.append(layer) or original_gather(parts, layer),
+        lambda parts: crossings.append(("gather", tuple(parts[0].shape[1:]))) or original_gather(parts),
     )
     torch.testing.assert_close(placed(images), single(images))
-    assert crossings == ["conv3", "fc6", "fc7", "fc8"]
+    # conv3 reads both columns' pooled conv2 maps; FC6 both columns' conv5 maps (6 x 6 x 128 each);
+    # FC7 both columns' FC6 units; FC8 every FC7 unit (§3.2, Figure 2)
+    assert crossings == [
+        ("exchange", (128, 13, 13)),
+        ("exchange", (128 * 6 * 6,)),
+        ("exchange", (2048,)),
+        ("gather", (2048,)),
+    ]
 
 
 def test_devices_must_match_columns():

@@ -52,7 +52,7 @@ class DataConfig(Section):
     # Where training views are cut: workers (crop, flip, mean, colour noise in the loader
     # processes) or device (the workers send uint8 images and the random draws; the training
     # device does the pixel work: the same views, and far less CPU per image). auto: device when
-    # training on a GPU (on the H100, 3.6x the images/s of 16 CPU workers: BENCHMARKS.md), else
+    # training on a GPU (several times the images/s of the CPU workers: BENCHMARKS.md, "GPU"), else
     # workers (on a CPU the workers run beside the training process).
     augment_on: Literal["auto", "workers", "device"] = "auto"
     # Where a JPEG store is decoded: workers (PIL) or device (the workers send the compressed

@@ -17,8 +17,6 @@ import torch
 
 from replicate.config import NonNegative, Positive, Section
 
-TEN_CROP_NAMES = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
-
 
 @dataclass
 class AugmentConfig(Section):

@@ -1,8 +1,8 @@
 """The exact LRN of §3.3 as two fused Triton kernels for CUDA (`speed.lrn_kernel=triton`).
 
 `lrn.ResponseNorm` on a GPU runs its window sum as five shifted adds and its backward as a chain of
-element-wise kernels: each reads and writes whole activation maps (BENCHMARKS.md, the H100
-profile). Here the forward is one kernel (read the maps, write the output and the denominator) and
+element-wise kernels: each reads and writes whole activation maps (`bench --profile`; BENCHMARKS.md,
+"GPU"). Here the forward is one kernel (read the maps, write the output and the denominator) and
 the backward one more (read maps, denominator and gradient, write the input gradient). Each program
 walks the channels of one image's block of positions, so the window's neighbours it reads come from
 its own recent loads.

@@ -37,9 +37,8 @@ Matrix = list[list[Fraction]]
 # input gradient, against a few 1e-7; paper/fidelity.md).
 NETWORK_TILES = {3: 5, 5: 3}
 # From this tile size n on, the input transform runs as two kernels, B^T over the rows and then B over
-# the columns, with the rows' result in memory between them: on 7 x 7 tiles (conv2's maps, a 2-core
-# AMD EPYC) about half the time of the one kernel torch.compile fuses, and faster on 6 x 6 tiles; on
-# 4 x 4 tiles twice the time.
+# the columns, with the rows' result in memory between them: on large tiles faster than the one
+# kernel torch.compile fuses, on 4 x 4 tiles slower (`python -m replicate bench-winograd` times it).
 TWO_PASS_INPUT_TRANSFORM = 6
 # The interpolation points of Toom-Cook, in the order that keeps the transforms' numbers small;
 # the point at infinity is always added.
