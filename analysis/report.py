@@ -59,7 +59,7 @@ def skipped(what: str, how: str) -> None:
 
 def make_tables() -> dict[str, pd.DataFrame]:
     """Also reads the W&B project named by ALEXNET_WANDB_PROJECT ('entity/project'), when set."""
-    tables = all_tables(runs_dir(), os.environ.get("ALEXNET_WANDB_PROJECT"))
+    tables = all_tables(runs_dir(), os.environ.get("ALEXNET_WANDB_PROJECT"), results_dir())
     for name, table in tables.items():
         write_table(table, reports_dir() / "tables", name)
         print(f"## {name}\n{markdown(table)}\n")

@@ -376,12 +376,18 @@ def write_table(table: pd.DataFrame, out_dir: str | Path, name: str) -> list[Pat
     return paths
 
 
-def all_tables(runs_root: str | Path, wandb_project: str | None = None) -> dict[str, pd.DataFrame]:
-    """Every table from the records under `runs_root`, plus a W&B project's runs when given."""
+def all_tables(
+    runs_root: str | Path, wandb_project: str | None = None, committed: str | Path | None = None
+) -> dict[str, pd.DataFrame]:
+    """Every table from the records under `runs_root`, plus a W&B project's runs when given. The
+    CIFAR-10 experiments' records come from `committed` (analysis/results) where `runs_root` has none."""
     records = load_records(runs_root)
     if wandb_project:
         records = pd.concat([records, load_wandb_records(wandb_project)], ignore_index=True)
-    figure1, lrn = (find_record(runs_root, name) for name in ("figure1.json", "lrn-cifar.json"))
+    figure1, lrn = (
+        find_record(runs_root, name) or (find_record(committed, name) if committed else None)
+        for name in ("figure1.json", "lrn-cifar.json")
+    )
     return {
         "table1": paper_table(records, 1),
         "table2": paper_table(records, 2),

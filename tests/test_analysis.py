@@ -356,3 +356,11 @@ def test_the_summary_of_a_folder_that_is_not_a_finished_run_is_a_clear_error(tmp
         timeout=HANG_GUARD_S,
     )
     assert result.returncode == 2 and "no evaluation.json (is it a finished run's folder?)" in result.stderr
+
+
+def test_the_cifar_table_reads_the_committed_figure1_record_where_no_run_has_one(tmp_path):
+    committed = ROOT / "analysis" / "results"
+    record = json.loads((committed / "figure1-full" / "figure1.json").read_text())
+    table = all_tables(tmp_path, committed=committed)["cifar10"].set_index("section")
+    assert table.loc["§3.1", "measured"] == f"{record['tanh_over_relu']:.2f}"
+    assert all_tables(tmp_path)["cifar10"].set_index("section").loc["§3.1", "measured"] == "not run"
