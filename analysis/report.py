@@ -6,9 +6,10 @@ CSV), figures to reports/figures (PNG, PDF), the executed notebooks to reports/n
 whose runs do not exist yet is skipped with a message saying which command produces them.
 Folders: ALEXNET_RUNS (default runs/) and ALEXNET_REPORTS (default reports/); ALEXNET_WANDB_PROJECT
 ('entity/project') adds that W&B project's finished runs to the tables (online only). It also redraws
-the README's figures from the records committed under analysis/results/ (ALEXNET_RESULTS: another
-copy of them), and ends by writing reports/index.html: every table and figure with the command that
-made it (analysis/index_page.py).
+the README's figures and ablation table from the records committed under analysis/results/
+(ALEXNET_RESULTS: another copy of them), executes the notebooks in place on those records (so that
+they are committed with their outputs), and ends by writing reports/index.html: every table and
+figure with the command that made it (analysis/index_page.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +35,8 @@ from replicate.paper import load_claims
 
 NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
 RESULTS = Path(__file__).resolve().parent / "results"  # small records committed with the repository
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def runs_dir() -> Path:
@@ -154,7 +157,9 @@ def make_ablation_chart() -> list[Path] | None:
     return figures.save(figures.ablation_chart(deltas, paper), "ablations", figures_dir())
 
 
-def execute_notebooks() -> int:
+def execute_notebooks(out: Path, runs: Path, reports: Path) -> int:
+    """Execute every notebook of analysis/notebooks headlessly on the records under `runs` (tables and
+    figures into `reports`), each written with its outputs into `out`; 1 if one failed."""
     try:
         import nbformat
         from nbclient import NotebookClient
@@ -167,26 +172,43 @@ def execute_notebooks() -> int:
         )
         return 1
 
-    out = reports_dir() / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
-        notebook = nbformat.read(path, as_version=4)
-        started = time.perf_counter()
-        try:
-            NotebookClient(
-                notebook,
-                timeout=1800,
-                kernel_name="python3",
-                resources={"metadata": {"path": str(Path.cwd())}},
-            ).execute()
-            status = "ok"
-        except CellExecutionError as error:
-            failed.append(path.name)
-            status = f"FAILED: {str(error).strip().splitlines()[-1]}"
-        nbformat.write(notebook, out / path.name)
-        print(f"{path.name}: {status} ({time.perf_counter() - started:.0f} s)")
+    saved = {key: os.environ.get(key) for key in ("ALEXNET_RUNS", "ALEXNET_REPORTS")}
+    os.environ.update({"ALEXNET_RUNS": str(runs), "ALEXNET_REPORTS": str(reports)})  # the kernel's
+    try:
+        for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+            notebook = nbformat.read(path, as_version=4)
+            started = time.perf_counter()
+            try:
+                NotebookClient(
+                    notebook,
+                    timeout=1800,
+                    kernel_name="python3",
+                    record_timing=False,  # no timestamps: a notebook changes only with its outputs
+                    resources={"metadata": {"path": str(ROOT)}},
+                ).execute()
+                status = "ok"
+            except CellExecutionError as error:
+                failed.append(path.name)
+                status = f"FAILED: {str(error).strip().splitlines()[-1]}"
+            nbformat.write(notebook, out / path.name)
+            print(f"{path.name}: {status} ({time.perf_counter() - started:.0f} s)")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return 1 if failed else 0
+
+
+def execute_committed_notebooks() -> int:
+    """The notebooks of analysis/notebooks executed in place on the committed records
+    (analysis/results), so that a reader sees their tables and figures where they are committed.
+    Figures 3 and 4 need a checkpoint, which no committed record has: those say so."""
+    with tempfile.TemporaryDirectory(prefix="committed-report-") as reports:
+        return execute_notebooks(NOTEBOOKS, RESULTS, Path(reports))
 
 
 def make_committed_figures() -> list[Path]:
@@ -216,13 +238,16 @@ def main() -> int:
             file=sys.stderr,
         )
     else:
-        code = execute_notebooks()
+        code = execute_notebooks(reports_dir() / "notebooks", runs, reports_dir())
     produced = sorted(p.name for p in figures_dir().glob("*.png")) if figures_dir().is_dir() else []
     print(
         f"figures in {figures_dir()}: {', '.join(produced) or 'none'}; tables in {reports_dir() / 'tables'}"
     )
     committed = make_committed_figures()
     print(f"the README's figures, from {results_dir()}: {', '.join(map(str, committed)) or 'none'}")
+    if results_dir().resolve() == RESULTS.resolve():  # not from a copy elsewhere
+        code = max(code, execute_committed_notebooks())
+        print(f"the notebooks in {NOTEBOOKS}, executed on the committed records of {RESULTS}")
     print(f"the page: {write_index(reports_dir(), results_dir())}")
     return code
 

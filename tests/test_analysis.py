@@ -15,9 +15,11 @@ import pytest
 import torch
 import yaml
 
+from analysis.ablation_results import readme_block
 from analysis.figures import colourfulness
 from analysis.index_page import COMMITTED
 from analysis.records import load_records
+from analysis.report import execute_notebooks
 from analysis.report import main as report_main
 from analysis.stats import mean_ci, paired_deltas
 from analysis.tables import ablation_table, all_tables, cifar_table, latex, paper_table, write_table
@@ -364,3 +366,32 @@ def test_the_cifar_table_reads_the_committed_figure1_record_where_no_run_has_one
     table = all_tables(tmp_path, committed=committed)["cifar10"].set_index("section")
     assert table.loc["§3.1", "measured"] == f"{record['tanh_over_relu']:.2f}"
     assert all_tables(tmp_path)["cifar10"].set_index("section").loc["§3.1", "measured"] == "not run"
+
+
+COMMITTED_SWEEP = ROOT / "analysis" / "results" / "ablations-bundled"
+
+
+@pytest.mark.skipif(not COMMITTED_SWEEP.is_dir(), reason="no committed sweep records")
+def test_the_readme_ablation_table_is_what_make_report_writes_from_the_committed_records():
+    block = readme_block(COMMITTED_SWEEP, "analysis/results/ablations-bundled")
+    assert block in (ROOT / "README.md").read_text(), "run `make report` after committing records"
+    assert (COMMITTED_SWEEP / "ablation_table.md").read_text().startswith(block.split("\n")[0])
+
+
+@pytest.mark.slow
+def test_the_committed_notebooks_hold_what_make_report_makes_of_the_committed_records(tmp_path):
+    """The notebooks are committed executed on analysis/results; executed again on it here, the
+    tables notebook prints the same tables (its text; figures are compared by eye, not bytes)."""
+    import nbformat
+
+    def printed(notebook) -> list[str]:
+        outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+        return [o["text"] for o in outputs if o["output_type"] == "stream"]
+
+    for path in sorted((ROOT / "analysis" / "notebooks").glob("*.ipynb")):
+        committed = nbformat.read(path, as_version=4)
+        assert any(cell.get("outputs") for cell in committed.cells), f"{path.name} has no outputs"
+    assert execute_notebooks(tmp_path, ROOT / "analysis" / "results", tmp_path / "reports") == 0
+    tables = ROOT / "analysis" / "notebooks" / "1_tables.ipynb"
+    again = nbformat.read(tmp_path / tables.name, as_version=4)
+    assert printed(again) == printed(nbformat.read(tables, as_version=4)) != []
