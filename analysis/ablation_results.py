@@ -39,12 +39,27 @@ def hardware(sweep: Path) -> str:
 
     def counted(key: str, shorten=lambda v: v) -> str:
         values = pd.Series([shorten(str(e.get(key, "?"))) for e in environments]).value_counts()
-        return ", ".join(f"{value} ({count} runs)" for value, count in values.items())
+        return ", ".join(f"{value} ({count} run{'s' * (count > 1)})" for value, count in values.items())
 
     return (
         f"processor: {counted('processor')}; torch {counted('torch')}; "
         f"commit {counted('git_commit', lambda v: v[:7])}"
     )
+
+
+def run_minutes(sweep: Path) -> str:
+    """'A run took ... minutes' over the runs whose every epoch and evaluation recorded its seconds
+    (epochs.csv, evaluation.json: training, validation and the final evaluation; not the start)."""
+    minutes = []
+    for epochs_csv in sorted(sweep.glob("*/seed*/epochs.csv")):
+        epochs = pd.read_csv(epochs_csv)
+        views = read_json(epochs_csv.parent / "evaluation.json")["views"].values()
+        if "seconds" in epochs and epochs["seconds"].notna().all() and all("seconds" in v for v in views):
+            minutes.append((epochs["seconds"].sum() + sum(v["seconds"] for v in views)) / 60)
+    if not minutes:
+        return ""
+    spread = f", {min(minutes):.0f} to {max(minutes):.0f}" if len(minutes) > 1 else ""
+    return f"A run took {statistics.median(minutes):.0f} min (median of {len(minutes)}{spread}). "
 
 
 def baseline_spread(records: pd.DataFrame) -> dict | None:
@@ -128,9 +143,9 @@ def readme_block(sweep: Path, link: str) -> str:
         interval = f" ± {top1.half_width:.1f} (95% CI)" if top1.n > 1 else ""
         sd = f", standard deviation {spread['top1_sd']:.1f} points" if top1.n > 1 else ""
         lines.append(
-            f"Baseline, seeds {', '.join(map(str, spread['seeds']))}: 10-crop top-1 error "
+            f"Baseline, seed{'s' * (top1.n > 1)} {', '.join(map(str, spread['seeds']))}: 10-crop top-1 error "
             f"{top1.mean:.1f}{interval} % (each seed: {each}{sd}); top-5 {top5.mean:.1f} %. "
-            f"Runs on {hardware(sweep)}."
+            f"{run_minutes(sweep)}Runs on {hardware(sweep)}."
         )
     lines += ["", markdown(rows), END]
     return "\n".join(lines)

@@ -26,7 +26,8 @@ SOURCES = {
 # The README's figures, drawn by `make report` from the records committed under analysis/results/.
 COMMITTED = {
     "figure1-full/figure1.png": "make figure1 PRESET=full (its records: figure1.json, curves.csv)",
-    "replicate-bundled/seed0/learning_curve.png": "make replicate (its records: epochs.csv, steps.csv)",
+    "ablations-bundled/baseline/seed0/learning_curve.png": "make replicate, or make ablations for the "
+    "baseline, seed 0 (its records: epochs.csv, steps.csv)",
 }
 
 

@@ -218,7 +218,7 @@ def make_committed_figures() -> list[Path]:
     if full.is_file():
         figure = figures.figure1(json.loads(full.read_text()), pd.read_csv(full.parent / "curves.csv"))
         drawn += figures.save(figure, "figure1", full.parent, formats=("png",))
-    replicate = results_dir() / "replicate-bundled" / "seed0"
+    replicate = results_dir() / "ablations-bundled" / "baseline" / "seed0"  # what make replicate trains
     if (replicate / "epochs.csv").is_file():
         drawn += summarise(replicate, formats=("png",))[1][1:]
     readme = README if results_dir().resolve() == RESULTS.resolve() else None  # not from a copy

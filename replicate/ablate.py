@@ -123,6 +123,7 @@ def save_record(run_dir: Path, record: Path) -> None:
         raise RecordError(f"{run_dir}: finished, but without {', '.join(missing)}: train it again")
     record.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{record.name}-", dir=record.parent))
+    staging.chmod(0o755)  # a record folder like any other (mkdtemp makes it private)
     for name in RECORD_FILES + OPTIONAL_RECORD_FILES:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)

@@ -211,3 +211,17 @@ def test_an_archive_member_outside_its_folder_or_a_link_is_refused(tmp_path):
         with pytest.raises(RecordError, match="refused member"):
             safe_extract(archive, tmp_path / "out")
         assert not (tmp_path / "outside.txt").exists()
+
+
+def test_make_replicate_trains_the_bundled_sweeps_baseline_and_the_gpu_preset_the_same_protocol():
+    """experiments/replicate-bundled.yaml is the bundled sweep's baseline (seed 0) in everything that
+    changes its numbers; the gpu preset differs from the bundled one only in where and how it runs."""
+    from replicate.ablate import _what_it_computes
+
+    def computed(path: Path, preset: str) -> dict:
+        kept = _what_it_computes(to_dict(load_experiment(path, preset_overrides(preset) if preset else [])))
+        return {key: value for key, value in kept.items() if key != "name"}
+
+    sweep_baseline = computed(ROOT / "experiments" / "baseline.yaml", "bundled")
+    assert computed(ROOT / "experiments" / "replicate-bundled.yaml", "") == sweep_baseline
+    assert computed(ROOT / "experiments" / "baseline.yaml", "gpu") == sweep_baseline

@@ -227,7 +227,7 @@ def test_report_redraws_the_readme_figures_and_writes_its_page_with_no_runs(tmp_
     page = tmp_path / "reports" / "index.html"
     assert f"the page: {page}" in result.stdout
     readme = [name for name in COMMITTED if (results / name).parent.is_dir()]
-    assert "replicate-bundled/seed0/learning_curve.png" in readme
+    assert "ablations-bundled/baseline/seed0/learning_curve.png" in readme
     linked = {path.relative_to(results.resolve()).as_posix() for path in page_links(page)}
     assert set(readme) <= linked  # each redrawn from its records, and linked
     for name in readme:
@@ -246,7 +246,8 @@ def test_report_without_nbclient_says_what_is_missing_and_still_writes_the_figur
     assert report_main() == 1
     err = capsys.readouterr().err
     assert "notebooks (every table and figure of the runs) not executed: nbclient is not installed" in err
-    assert (tmp_path / "results" / "replicate-bundled" / "seed0" / "learning_curve.png").is_file()
+    drawn = tmp_path / "results" / "ablations-bundled" / "baseline" / "seed0" / "learning_curve.png"
+    assert drawn.is_file()
     page_links(tmp_path / "reports" / "index.html")  # written, linking only to files that exist
 
 

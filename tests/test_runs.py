@@ -34,12 +34,12 @@ def test_a_run_is_not_resumed_or_shown_under_other_settings(tmp_path, capsys):
     assert "optim.lr: 0.01 there, 0.02 now; train.epochs: 2 there, 1 now" in error
     shorter = replace(trained, train=replace(trained.train, epochs=1))
     with pytest.raises(ConfigError, match="train.epochs: 2 there, 1 now"):
-        ensure_trained(shorter, run_dir, [])
+        ensure_trained(shorter, run_dir, tmp_path / "records" / "seed0", [])
     require_same_config(run_dir, trained)  # its own settings: no error
     require_same_config(tmp_path / "new", shorter)  # no run yet: nothing to compare
 
 
-COMMITTED_RUN = ROOT / "analysis" / "results" / "replicate-bundled" / "seed0"
+COMMITTED_RUN = ROOT / "analysis" / "results" / "ablations-bundled" / "baseline" / "seed0"
 
 
 def copied_runs(root: Path, names: list[str]) -> list[Path]:
