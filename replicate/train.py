@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -433,6 +434,8 @@ def _check_run_dir(config, run_dir: Path, resume: bool) -> None:
             (run_dir / name).unlink(missing_ok=True)
         for partial in (run_dir / "checkpoints").glob("*.partial"):  # a first checkpoint cut short
             partial.unlink()
+        for offline in (run_dir / "wandb").glob("offline-run-*"):  # its offline W&B run: steps no
+            shutil.rmtree(offline)  # checkpoint kept, under an id the new attempt does not reuse
 
 
 def _train_in(config, run_dir: Path, resume: bool) -> Path:

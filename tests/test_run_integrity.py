@@ -82,17 +82,20 @@ def test_one_process_writes_a_run_at_a_time(tmp_path):
 
 def test_an_attempt_killed_before_its_first_checkpoint_is_redone_only_with_its_own_settings(tmp_path):
     runs = tmp_path / "runs"
-    train_killed_at_checkpoint(runs, "True", "train.epochs=2")  # TINY's first checkpoint: step 1
+    offline = ("train.epochs=2", "tracking.wandb=offline")
+    train_killed_at_checkpoint(runs, "True", *offline)  # TINY's first checkpoint: step 1
     run_dir = runs / "baseline" / "seed0"
     assert len(pd.read_csv(run_dir / "steps.csv")) == 1 and not (run_dir / "checkpoints" / "last.pt").exists()
-    code, _, err = train(runs, "train.epochs=2", "optim.lr=0.001")
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    code, _, err = train(runs, *offline, "optim.lr=0.001")
     assert code == 1 and "holds an attempt with other settings" in err
     assert "optim.lr: 0.01 there, 0.001 now" in err and "Traceback" not in err
     assert "lr: 0.01\n" in (run_dir / "config.yaml").read_text()  # its record untouched
-    code, out, err = train(runs, "train.epochs=2")
+    code, out, err = train(runs, *offline)
     assert code == 0, err
     assert "its earlier attempt stopped before its first checkpoint; starting it anew" in out
     assert pd.read_csv(run_dir / "steps.csv")["step"].tolist() == list(range(1, 7))  # each step once
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # the redone attempt's alone
 
 
 def test_a_kill_while_the_checkpoint_ending_an_epoch_is_written_leaves_no_epoch_twice(tmp_path):
