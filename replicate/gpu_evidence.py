@@ -7,10 +7,11 @@ what a CPU cannot show, every record under OUT:
    records measured (bf16 autocast, channels-last, torch.compile);
 3. the bundled ablation sweep under `--preset gpu` (experiments/presets/gpu.yaml): the baseline and
    every ablation of experiments/ablations/, seeds 0-2 (and baseline seeds 3-4 for the 5-CNN
-   ensemble), OUT/runs, each finished run's small records in OUT/records (as the CPU sweep's in
-   analysis/results/ablations-bundled). The seeds train side by side, one process each sharing the
-   GPU, after the data is prepared once;
-4. `make report` on those runs: OUT/report/ (tables, figures, index.html).
+   ensemble), OUT/runs, each finished run's small records in OUT/ablations-gpu (copied to
+   analysis/results/ablations-gpu they are committed as the CPU sweep's are). The seeds train side
+   by side, one process each sharing the GPU, after the data is prepared once;
+4. `make report` on those runs: OUT/report/ (tables, figures, index.html), and the sweep's
+   ablation table and chart into OUT/ablations-gpu.
 
 Before the first step it prints the projected time from the H100 records of analysis/benchmarks/h100
 (`projection`). Each step is its own process with its log in OUT/logs/; a failed step is recorded
@@ -149,7 +150,8 @@ def projection(record_dir: Path = H100) -> tuple[float, list[str]]:
 def steps(out: Path, smoke: bool) -> list[Step]:
     python = sys.executable
     runs = out / "runs"
-    sweep = [python, "-m", "replicate", "ablate", "--preset", "gpu", "--records", str(out / "records")]
+    records = out / "ablations-gpu"  # as analysis/results/ablations-bundled holds the CPU sweep's
+    sweep = [python, "-m", "replicate", "ablate", "--preset", "gpu", "--records", str(records)]
     sweep += [f"train.runs_dir={runs}"]
     sweep += SMOKE_SWEEP if smoke else []
     seeds = SEEDS[:2] if smoke else SEEDS
@@ -190,7 +192,12 @@ def steps(out: Path, smoke: bool) -> list[Step]:
             "report",
             "report",
             [[python, "-m", "analysis.report"]],
-            env={"ALEXNET_RUNS": str(runs), "ALEXNET_REPORTS": str(out / "report")},
+            # its ablation table and chart into OUT/ablations-gpu; the checkout's README untouched
+            env={
+                "ALEXNET_RUNS": str(runs),
+                "ALEXNET_REPORTS": str(out / "report"),
+                "ALEXNET_RESULTS": str(out),
+            },
         ),
     ]
 

@@ -85,6 +85,11 @@ def test_gpu_evidence_smoke_mode_runs_every_step_and_reports_every_figure_and_ta
     ablations = pd.read_csv(reports / "tables" / "ablations.csv").set_index("comparison")
     measured = ablations.loc["no local response normalisation"]
     assert measured["n"] == 2 and "bundled" in measured["data"] and measured["measured Δ top-1"] != "not run"
+    sweep_table = (out / "ablations-gpu" / "ablation_table.md").read_text()  # from the sweep's records
+    assert (
+        "| no local response normalisation |" in sweep_table
+        and (out / "ablations-gpu" / "ablations.png").is_file()
+    )
     executed = sorted(p.name for p in (reports / "notebooks").glob("*.ipynb"))
     assert len(executed) == 6
     linked = {path.name for path in page_links(reports / "index.html")}
