@@ -284,13 +284,14 @@ def unfinished_runs(out: Path) -> list[str]:
 
 
 def pack(out: Path) -> tuple[Path, int]:
-    """OUT/ARCHIVE: every file under `out` but checkpoints and partial files; written atomically."""
+    """OUT/ARCHIVE: every plain file under `out` but checkpoints and partial files (no links: W&B
+    links its debug logs, and the unpacking refuses links); written atomically."""
     archive = out / ARCHIVE
     partial = archive.with_name(archive.name + ".partial")
     files = [
         path
         for path in sorted(out.rglob("*"))
-        if path.is_file() and path != archive and not path.name.endswith(NOT_PACKED)
+        if path.is_file() and not path.is_symlink() and path != archive and not path.name.endswith(NOT_PACKED)
     ]
     with tarfile.open(partial, "w:gz") as tar:
         for path in files:
