@@ -176,7 +176,7 @@ def ensure_trained(config: ExperimentConfig, run_dir: Path, record: Path, log: l
         print(f"skip (recorded): {record}")
         log.append({"run": str(run_dir), "action": "skipped", "record": str(record)})
         return
-    action = train_or_resume(config, run_dir)
+    action = train_or_resume(config, run_dir, own_process=True)
     if action == "finished":
         print(f"skip (finished): {run_dir}")
     save_record(run_dir, record)

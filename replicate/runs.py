@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from replicate import devices
 from replicate.checkpoints import WEIGHT_KEYS, CheckpointError, load_weights, read_checkpoint
@@ -20,7 +26,7 @@ from replicate.model import AlexNet
 from replicate.run_lock import RunInUse, RunLock
 from replicate.speed import autocast, build_network, compiled, memory_format
 from replicate.tracking import read_json
-from replicate.train import run_training
+from replicate.train import Interrupted, TrainingError, run_training
 
 
 def run_config(run_dir: Path, overrides: list[str] = ()) -> ExperimentConfig:
@@ -53,16 +59,62 @@ def require_same_config(run_dir: Path, config: ExperimentConfig) -> None:
         )
 
 
-def train_or_resume(config: ExperimentConfig, run_dir: Path) -> str:
+def train_or_resume(config: ExperimentConfig, run_dir: Path, own_process: bool = False) -> str:
     """Train `config` into `run_dir`, resume it there if it has a checkpoint, or leave it if finished;
-    returns which (trained, resumed, finished). A run of other settings is an error, not continued."""
+    returns which (trained, resumed, finished). A run of other settings is an error, not continued.
+    `own_process`: the run in a process of its own (`train_in_own_process`)."""
     require_same_config(run_dir, config)
     if run_state(run_dir) == "finished":
         return "finished"
     resume = (Path(run_dir) / "checkpoints" / "last.pt").is_file()
-    print(f"{'resume' if resume else 'train'}: {run_dir}")
-    run_training(config, run_dir, resume=resume)
+    print(f"{'resume' if resume else 'train'}: {run_dir}", flush=True)
+    if own_process:
+        train_in_own_process(config, Path(run_dir), resume)
+    else:
+        run_training(config, run_dir, resume=resume)
     return "resumed" if resume else "trained"
+
+
+def train_in_own_process(config: ExperimentConfig, run_dir: Path, resume: bool) -> None:
+    """`python -m replicate train` for one run of a sweep: whatever a run holds (its loader workers,
+    compiled kernels, the allocator's kept memory) goes with its process, so the sweep's last run
+    has as much memory as its first. SIGINT and SIGTERM are passed on to the run, which saves a
+    checkpoint; then they stop the sweep as they stop a run (`Interrupted`)."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+    }
+    with tempfile.TemporaryDirectory(prefix="sweep-run-") as folder:
+        command = [sys.executable, "-m", "replicate", "train"]
+        if resume:
+            command += ["--resume", str(run_dir)]
+        else:
+            resolved = Path(folder) / "config.yaml"
+            resolved.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+            command += [str(resolved), "--run-dir", str(run_dir)]
+        child = subprocess.Popen(command, env=env)
+        passed_on: list[str] = []
+
+        def pass_on(number: int, _frame) -> None:
+            passed_on.append(signal.Signals(number).name)
+            child.send_signal(number)
+
+        previous = {number: signal.signal(number, pass_on) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = child.wait()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+    if passed_on or code in (130, 143):
+        raise Interrupted(passed_on[0] if passed_on else "SIGTERM" if code == 143 else "SIGINT", run_dir)
+    if code != 0:
+        state = run_state(run_dir)
+        said = read_json(run_dir / "status.json").get("message", "") if state else ""
+        raise TrainingError(
+            f"{run_dir}: its training process ended with exit status {code}"
+            + (f" (status {state}: {said})" if said else " (its output is above)")
+        )
 
 
 def trained_network(
