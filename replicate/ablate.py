@@ -135,9 +135,11 @@ def save_record(run_dir: Path, record: Path) -> None:
 
 
 def add_wandb_run(run_dir: Path, archive: Path, name: str) -> None:
-    """Add the run's offline W&B folders (<run_dir>/wandb/offline-run-*) to `archive` under `name`/,
-    replacing what it held under that name; kept only while the archive is under 25 MB."""
-    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    """Add the run's offline W&B run to `archive` under `name`/, replacing what it held under that
+    name; kept only while the archive is under 25 MB. Of a resumed run's folders
+    (<run_dir>/wandb/offline-run-<time>-<id>) the last alone: it logged the whole history again
+    (`Tracker.replay_record`)."""
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))[-1:]
     if not offline:
         return
     archive.parent.mkdir(parents=True, exist_ok=True)

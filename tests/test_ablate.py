@@ -78,7 +78,9 @@ def tiny_sweep(runs_dir: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 @needs_mirror
 def test_the_runner_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path):
-    command = tiny_sweep(tmp_path, "train.checkpoint_every=1", "train.final_views=[centre]")
+    command = tiny_sweep(
+        tmp_path, "train.checkpoint_every=1", "train.final_views=[centre]", "tracking.wandb=offline"
+    )
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     steps = tmp_path / "ablations-bundled" / "baseline" / "seed0" / "steps.csv"
     deadline = time.time() + HANG_GUARD_S
@@ -98,6 +100,11 @@ def test_the_runner_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path)
     saved = (tmp_path / "ablations-bundled" / "no_lrn" / "seed0" / "config.yaml").read_text()
     assert "lrn: 'off'" in saved or "lrn: off" in saved
     assert "group: ablations-bundled" in saved
+    # the interrupted run's offline W&B run is archived once, with its whole history
+    safe_extract(tmp_path / "ablations-bundled" / "records" / WANDB_ARCHIVE, tmp_path / "wandb")
+    runs = [read_offline_run(folder) for folder in offline_folders(tmp_path / "wandb")]
+    assert sorted(run.name for run in runs) == ["baseline-seed0", "no_lrn-seed0"]
+    assert all(run.values("epoch/epoch") == [1, 2] for run in runs)
 
 
 @pytest.fixture(scope="module")
