@@ -75,6 +75,16 @@ def train_or_resume(config: ExperimentConfig, run_dir: Path, own_process: bool =
     return "resumed" if resume else "trained"
 
 
+def _stop_with_parent() -> None:
+    """In the run's process, before it starts: on Linux, a SIGTERM when the sweep's process dies,
+    however it dies (SIGKILL included), so that no run goes on training alone; the run saves a
+    checkpoint and the sweep, started again, resumes it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def train_in_own_process(config: ExperimentConfig, run_dir: Path, resume: bool) -> None:
     """`python -m replicate train` for one run of a sweep: whatever a run holds (its loader workers,
     compiled kernels, the allocator's kept memory) goes with its process, so the sweep's last run
@@ -93,7 +103,7 @@ def train_in_own_process(config: ExperimentConfig, run_dir: Path, resume: bool) 
             resolved = Path(folder) / "config.yaml"
             resolved.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
             command += [str(resolved), "--run-dir", str(run_dir)]
-        child = subprocess.Popen(command, env=env)
+        child = subprocess.Popen(command, env=env, preexec_fn=_stop_with_parent)
         passed_on: list[str] = []
 
         def pass_on(number: int, _frame) -> None:

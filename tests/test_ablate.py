@@ -232,3 +232,28 @@ def test_make_replicate_trains_the_bundled_sweeps_baseline_and_the_gpu_preset_th
     sweep_baseline = computed(ROOT / "experiments" / "baseline.yaml", "bundled")
     assert computed(ROOT / "experiments" / "replicate-bundled.yaml", "") == sweep_baseline
     assert computed(ROOT / "experiments" / "baseline.yaml", "gpu") == sweep_baseline
+
+
+@pytest.mark.slow
+@needs_mirror
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_run_stops_with_a_checkpoint_when_its_sweep_is_killed_outright(tmp_path):
+    """Each run trains in a process of its own: SIGKILL to the sweep (no handler can pass it on)
+    still stops the run, which saves a checkpoint; the sweep started again resumes it."""
+    command = tiny_sweep(tmp_path, "train.checkpoint_every=1", "train.final_views=[centre]")
+    sweep = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "ablations-bundled" / "baseline" / "seed0"
+    deadline = time.time() + HANG_GUARD_S
+    steps = run_dir / "steps.csv"
+    while not (steps.is_file() and len(steps.read_text().splitlines()) > 2):
+        assert sweep.poll() is None and time.time() < deadline, sweep.communicate()[1][-2000:]
+        time.sleep(0.05)
+    sweep.kill()
+    sweep.communicate(timeout=HANG_GUARD_S)
+    while json.loads((run_dir / "status.json").read_text())["state"] == "running":
+        assert time.time() < deadline, "the run went on training after its sweep was killed"
+        time.sleep(0.1)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert again.returncode == 0, again.stderr
+    assert "resume: " in again.stdout and "baseline/seed0" in again.stdout
