@@ -228,7 +228,7 @@ class Tracker:
     def log_epoch(self, row: dict[str, Any], step: int) -> None:
         self.epochs.append(row)
         if self.wandb_run is not None:
-            self.wandb_run.log({f"epoch/{k}": v for k, v in row.items()}, step=step)
+            self.wandb_run.log({f"epoch/{k}": v for k, v in row.items() if v is not None}, step=step)
 
     def final_evaluation(self, record: dict[str, Any]) -> None:
         """evaluation.json mirrored to W&B: a table of the protocols' errors, and the same as summary

@@ -272,7 +272,8 @@ class Trainer:
         try:
             while position.epoch < train.epochs:
                 self.sampler.set_epoch(position.epoch, position.batch)
-                self.epoch_started = time.perf_counter()  # epochs.csv's seconds: this process's share
+                # epochs.csv's seconds; unknown (empty) for an epoch a stop split between processes
+                self.epoch_started = time.perf_counter() if position.batch == 0 else None
                 self._epoch(tracker, stop)
                 if stop.requested or (train.max_steps and position.step >= train.max_steps):
                     self.checkpoint()
@@ -350,6 +351,8 @@ class Trainer:
         position = self.position
         metrics = self.evaluate(self.config.train.eval_views)
         reduced = self.schedule.step(metrics["top1_error"])
+        started = self.epoch_started
+        seconds = None if started is None else time.perf_counter() - started  # training and validation
         position.epoch, position.batch = position.epoch + 1, 0
         improved = metrics["top1_error"] < self.best_error
         if improved:
@@ -365,7 +368,7 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "lr_reduced": reduced,
                     "lr_reductions": self.schedule.reductions,
-                    "seconds": time.perf_counter() - self.epoch_started,  # training and validation
+                    "seconds": seconds,
                 },
                 position.step,
             )
