@@ -62,10 +62,15 @@ def run_minutes(sweep: Path) -> str:
     return f"A run took {statistics.median(minutes):.0f} min (median of {len(minutes)}{spread}). "
 
 
+def _baseline_ten_crop(records: pd.DataFrame) -> pd.DataFrame:
+    """The baseline's trained runs, their 10-crop rows."""
+    baseline = records[(records["claim"] == "") & (records["kind"] == "train")]
+    return baseline[baseline["protocol"] == "ten_crop"]
+
+
 def baseline_spread(records: pd.DataFrame) -> dict | None:
     """The baseline's 10-crop top-1 and top-5 error over its seeds: mean, 95% CI, standard deviation."""
-    baseline = records[(records["claim"] == "") & (records["kind"] == "train")]
-    ten = baseline[baseline["protocol"] == "ten_crop"].sort_values("seed")
+    ten = _baseline_ten_crop(records).sort_values("seed")
     if ten.empty:
         return None
     top1, top5 = list(ten["top1_error"]), list(ten["top5_error"])
@@ -80,8 +85,7 @@ def baseline_spread(records: pd.DataFrame) -> dict | None:
 
 def _baseline_of(claim: str, records: pd.DataFrame) -> str:
     """The baseline's mean 10-crop top-1 error over the seeds this comparison pairs it with."""
-    baseline = records[(records["claim"] == "") & (records["kind"] == "train")]
-    ten = baseline[baseline["protocol"] == "ten_crop"]
+    ten = _baseline_ten_crop(records)
     variant = records[(records["claim"] == claim) & (records["kind"] == "train")]
     if claim not in ("ten_crop", "ensemble_5cnns"):
         ten = ten[ten["seed"].isin(set(variant["seed"]))]
@@ -94,13 +98,26 @@ def _paper(claim: dict) -> str:
     return top1 + (f" / {claim['top5_delta']:+g}" if "top5_delta" in claim else "")
 
 
-def table(sweep: Path, link: str) -> tuple[pd.DataFrame, dict[str, list[float]], dict[str, float | None]]:
-    """The README's rows for every comparison of paper/claims.yaml, measured or "not run yet"; and the
-    top-1 deltas per comparison and the paper's, for the chart. `link`: the sweep folder as the
-    README links it."""
-    records = load_records(sweep)
+def chart_data(
+    records: pd.DataFrame,
+) -> tuple[dict[str, list[float]], dict[str, float | None], dict[str, str]]:
+    """For the chart: each measured comparison's top-1 deltas and the paper's delta; and, for each
+    comparison whose runs cannot be compared, why (`claim_deltas`)."""
+    deltas, paper, refused = {}, {}, {}
+    for claim in load_claims()["ablations"]:
+        found = claim_deltas(claim["id"], records)
+        if isinstance(found, str):
+            refused[claim["variant"]] = found
+        elif found is not None:
+            deltas[claim["variant"]], paper[claim["variant"]] = found[0], claim.get("top1_delta")
+    return deltas, paper, refused
+
+
+def table(records: pd.DataFrame, link: str) -> pd.DataFrame:
+    """The README's rows for every comparison of paper/claims.yaml, measured or "not run yet".
+    `link`: the sweep folder as the README links it."""
     configs = configs_by_claim()
-    rows, deltas, paper = [], {}, {}
+    rows = []
     for claim in load_claims()["ablations"]:
         found = claim_deltas(claim["id"], records)
         lab = lab_delta(claim["id"])
@@ -115,8 +132,7 @@ def table(sweep: Path, link: str) -> tuple[pd.DataFrame, dict[str, list[float]],
             measured = {"measured Δ top-1": found or "not run yet", "measured Δ top-5": "", "n": 0}
             rows.append({**row, **measured, "baseline top-1": "-", "records": "-"})
             continue
-        top1, top5, protocol, _ = found
-        deltas[claim["variant"]], paper[claim["variant"]] = top1, claim.get("top1_delta")
+        top1, top5, _, _ = found
         rows.append(
             {
                 **row,
@@ -127,13 +143,15 @@ def table(sweep: Path, link: str) -> tuple[pd.DataFrame, dict[str, list[float]],
                 "records": f"[{folder}/]({link}/{folder}/)",
             }
         )
-    return pd.DataFrame(rows), deltas, paper
+    return pd.DataFrame(rows)
 
 
-def readme_block(sweep: Path, link: str) -> str:
-    """The README's ablation block: the baseline and its spread, the hardware, the table."""
-    rows, _, _ = table(sweep, link)
-    spread = baseline_spread(load_records(sweep))
+def readme_block(sweep: Path, link: str, records: pd.DataFrame | None = None) -> str:
+    """The README's ablation block: the baseline and its spread, the hardware, the table. `records`:
+    the sweep's, when already loaded."""
+    records = load_records(sweep) if records is None else records
+    rows = table(records, link)
+    spread = baseline_spread(records)
     lines = [BEGIN.format(sweep=sweep.name)]
     if spread is None:
         lines.append("No run of this sweep has finished yet.")
@@ -167,10 +185,11 @@ def write_sweep_results(sweep: Path, readme: Path | None = None) -> list[Path]:
     """ablation_table.md and ablations.png into `sweep`, and the README's block when `readme` is given."""
     where = sweep.resolve()
     link = where.relative_to(ROOT).as_posix() if where.is_relative_to(ROOT) else str(sweep)
-    block = readme_block(sweep, link)
+    records = load_records(sweep)
+    block = readme_block(sweep, link, records)
     written = [sweep / "ablation_table.md"]
     written[0].write_text(block.replace(f"({link}/", "(") + "\n")  # links relative to the sweep folder
-    _, deltas, paper = table(sweep, link)
+    deltas, paper, _ = chart_data(records)
     if deltas:
         written += figures.save(figures.ablation_chart(deltas, paper), "ablations", sweep, formats=("png",))
     if readme is not None and update_readme(readme, block, sweep.name):

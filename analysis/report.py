@@ -25,13 +25,12 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures
-from analysis.ablation_results import write_sweep_results
+from analysis.ablation_results import chart_data, write_sweep_results
 from analysis.index_page import write_index
 from analysis.records import find_record, load_records, training_runs
 from analysis.summary import summarise
-from analysis.tables import all_tables, claim_deltas, markdown, write_table
+from analysis.tables import all_tables, markdown, write_table
 from replicate.checkpoints import WEIGHT_KEYS, read_checkpoint
-from replicate.paper import load_claims
 
 NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
 RESULTS = Path(__file__).resolve().parent / "results"  # small records committed with the repository
@@ -142,16 +141,9 @@ def make_figure4(queries: int = 5, neighbours: int = 6, pool_limit: int = 5000) 
 
 
 def make_ablation_chart() -> list[Path] | None:
-    records = load_records(runs_dir())
-    claims = load_claims()["ablations"]
-    deltas, paper = {}, {}
-    for claim in claims:
-        found = claim_deltas(claim["id"], records)
-        if isinstance(found, str):  # runs that cannot be compared: the table says why
-            print(f"ablation chart: {claim['variant']}: {found}")
-        elif found is not None:
-            deltas[claim["variant"]] = found[0]
-            paper[claim["variant"]] = claim.get("top1_delta")
+    deltas, paper, refused = chart_data(load_records(runs_dir()))
+    for variant, why in refused.items():  # runs that cannot be compared: the table says why
+        print(f"ablation chart: {variant}: {why}")
     if not deltas:
         return skipped("the ablation chart", "no ablation runs (make ablations)")
     return figures.save(figures.ablation_chart(deltas, paper), "ablations", figures_dir())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from replicate.config import ConfigError, differences, from_dict, read_yaml, to_dict
+from replicate.config import ConfigError, describe_differences, from_dict, read_yaml, to_dict
 from replicate.evaluate import errors_from_probabilities, read_predictions
 from replicate.experiment import ExperimentConfig, load_experiment, resolve_file
 from replicate.runs import SAME_EXPERIMENT, other_experiment, train_or_resume
@@ -61,17 +61,8 @@ def preset_overrides(preset: str) -> list[str]:
     """The preset file as dotted key=value overrides (applied over every config)."""
     if preset not in PRESETS:
         raise ConfigError(f"preset {preset!r}: expected one of {list(PRESETS)}")
-
-    def flatten(data: dict, prefix: str = "") -> list[str]:
-        items = []
-        for key, value in data.items():
-            if isinstance(value, dict):
-                items += flatten(value, f"{prefix}{key}.")
-            else:
-                items.append(f"{prefix}{key}={json.dumps(value)}")
-        return items
-
-    return flatten(read_yaml(EXPERIMENTS / "presets" / f"{preset}.yaml"))
+    preset_file = read_yaml(EXPERIMENTS / "presets" / f"{preset}.yaml")
+    return [f"{key}={json.dumps(value)}" for key, value in _flat(preset_file).items()]
 
 
 def default_records(preset: str, overrides: list[str], root: Path) -> Path:
@@ -104,9 +95,8 @@ def recorded(config: ExperimentConfig, record: Path) -> bool:
         theirs = from_dict(ExperimentConfig, resolve_file(record / "config.yaml"))
     except (ConfigError, OSError) as error:
         raise RecordError(f"{record}: its config.yaml cannot be read ({error})") from None
-    changed = differences(_what_it_computes(to_dict(theirs)), _what_it_computes(to_dict(config)))
-    if changed:
-        described = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in changed)
+    described = describe_differences(_what_it_computes(to_dict(theirs)), _what_it_computes(to_dict(config)))
+    if described:
         raise RecordError(
             f"{record} holds this run under other settings ({described}): move it away to run it anew "
             "with these, or pass --records DIR to keep this sweep's records elsewhere"

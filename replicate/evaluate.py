@@ -74,9 +74,7 @@ def evaluate(
         views, labels = batch.pixels.to(device, non_blocking=True), batch.labels.to(device)
         probabilities = average_softmax(models, views, memory_format)
         labels = labels.to(probabilities.device)
-        hits = topk_correct(probabilities, labels)
-        nll = -probabilities.gather(1, labels[:, None]).clamp_min(1e-12).log().sum()
-        sums += torch.tensor([len(labels), hits[1], hits[5], float(nll)], dtype=torch.float64)
+        sums += _counts(probabilities, labels)
         if predictions is not None:
             kept.append((probabilities.float().cpu(), labels.cpu()))
     distributed = dist.is_available() and dist.is_initialized()
@@ -84,6 +82,18 @@ def evaluate(
         dist.all_reduce(sums)
     if predictions is not None:
         predictions.extend(_in_split_order(kept) if distributed else kept)
+    return _errors(sums)
+
+
+def _counts(probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """images, top-1 hits, top-5 hits and the summed -log p of the true class, in float64."""
+    hits = topk_correct(probabilities, labels)
+    nll = -probabilities.gather(1, labels[:, None]).clamp_min(1e-12).log().sum()
+    return torch.tensor([len(labels), hits[1], hits[5], float(nll)], dtype=torch.float64)
+
+
+def _errors(sums: torch.Tensor) -> dict[str, float]:
+    """`_counts` summed, as top-1/top-5 error (%) and mean loss."""
     images = max(int(sums[0]), 1)
     return {
         "images": int(sums[0]),
@@ -130,16 +140,7 @@ def read_predictions(path: Path) -> dict[str, np.ndarray]:
 
 def errors_from_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Top-1/top-5 error (%) and loss, as `evaluate` computes them, from kept probabilities."""
-    tensor, targets = torch.from_numpy(probabilities).double(), torch.from_numpy(labels)
-    hits = topk_correct(tensor, targets)
-    images = max(len(labels), 1)
-    nll = -tensor.gather(1, targets[:, None]).clamp_min(1e-12).log().sum()
-    return {
-        "images": len(labels),
-        "top1_error": 100 * (1 - hits[1] / images),
-        "top5_error": 100 * (1 - hits[5] / images),
-        "loss": float(nll) / images,
-    }
+    return _errors(_counts(torch.from_numpy(probabilities).double(), torch.from_numpy(labels)))
 
 
 def evaluation_lines(record: dict) -> str:

@@ -123,7 +123,7 @@ class CsvLog:
         added = [key for key in row if key not in header]
         if header and added:  # a run resumed by a version that records more columns
             header = [*header, *added]
-            self._rewrite(header)
+            self._rewrite(header, self.rows())
         with open(self.path, "a", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=header or list(row), restval="")
             if not header:
@@ -134,13 +134,14 @@ class CsvLog:
         with open(self.path, newline="") as file:
             return next(csv.reader(file), [])
 
-    def _rewrite(self, fieldnames: list[str]) -> None:
-        rows = self.rows()
+    def _rewrite(self, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
+        """The file replaced whole by `rows` under `fieldnames` (no header when there are none)."""
         partial = self.path.with_name(self.path.name + ".partial")
         with open(partial, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=fieldnames, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
+            if fieldnames:
+                writer = csv.DictWriter(file, fieldnames=fieldnames, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
         partial.replace(self.path)
 
     def rows(self) -> list[dict[str, str]]:
@@ -156,13 +157,7 @@ class CsvLog:
         with open(self.path, newline="") as file:
             rows = list(csv.DictReader(file))
         kept = [r for r in rows if float(r[key]) <= value]
-        partial = self.path.with_name(self.path.name + ".partial")
-        with open(partial, "w", newline="") as file:
-            if rows:
-                writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(kept)
-        partial.replace(self.path)
+        self._rewrite(list(rows[0]) if rows else [], kept)
 
 
 def _value(text: str) -> Any:

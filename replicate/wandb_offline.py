@@ -14,27 +14,17 @@ import json
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from replicate.data.sources import DataError, safe_extract
 from replicate.tracking import RecordError
 
 ARCHIVE = "wandb-offline.tar.gz"
 BLOCK, CHUNK_HEADER, FILE_HEADER = 32 * 1024, 7, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def safe_extract(archive: Path, destination: Path) -> None:
-    """Extract `archive`, refusing any member that is not a plain file or folder inside `destination`."""
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar.getmembers():
-            target = (destination / member.name).resolve()
-            if not (member.isfile() or member.isdir()) or not target.is_relative_to(destination.resolve()):
-                raise RecordError(f"{archive}: refused member {member.name!r} (not a plain file inside it)")
-        tar.extractall(destination)  # noqa: S202 -- every member checked above
 
 
 def records_of(path: Path) -> Iterator[bytes]:
@@ -127,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         archive = _archive(args.records)
         with tempfile.TemporaryDirectory(prefix="wandb-offline-") as temporary:
-            safe_extract(archive, Path(temporary))
-            folders = offline_folders(Path(temporary))
+            unpacked = safe_extract(archive, Path(temporary) / "runs")  # links and escapes refused
+            folders = offline_folders(unpacked)
             for folder in folders:
                 run = read_offline_run(folder)
                 epochs = len(run.values("epoch/val_top1_error"))
@@ -142,6 +132,6 @@ def main(argv: list[str] | None = None) -> int:
             command = [program, "sync", "--include-offline"]
             command += ["--project", args.project] + (["--entity", args.entity] if args.entity else [])
             return subprocess.run([*command, *map(str, folders)]).returncode
-    except (RecordError, tarfile.TarError, OSError) as error:
+    except (RecordError, DataError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
