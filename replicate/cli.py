@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in own_parsers:
             return own_parsers[args.command][0](rest)
-        if rest:
+        if rest and hasattr(args, "overrides") and not any(item.startswith("-") for item in rest):
+            args.overrides += rest  # key=value after an option (argparse ends a positional there)
+        elif rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
         return args.handler(args)
     except ConfigError as error:

@@ -219,3 +219,18 @@ def test_a_device_this_machine_lacks_is_an_error_before_any_work(tmp_path):
     assert result.returncode == 2 and "--device=cuda:99: " in result.stderr and "CUDA device" in result.stderr
     result = run("bench", "--smoke", "--device", "gpu")
     assert result.returncode == 2 and "'gpu' is not a device" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_run_dir_that_is_a_file_is_refused_and_overrides_may_follow_options(tmp_path):
+    """`--run-dir` naming a file: a clear error, nothing written. Overrides after an option are
+    overrides still (the unknown key is named, not refused as an unrecognised argument)."""
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    result = run("train", "experiments/replicate-bundled.yaml", "--run-dir", str(afile), "tracking.wandb=off")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{afile} is a file, not a run directory: give another --run-dir" in result.stderr
+    assert afile.read_text() == "kept"
+    typo = run("train", "experiments/baseline.yaml", "--run-dir", str(tmp_path / "run"), "model.colums=1")
+    assert typo.returncode == 2 and "unknown config key 'model.colums'" in typo.stderr
+    assert not (tmp_path / "run").exists()
