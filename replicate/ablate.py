@@ -27,6 +27,7 @@ import numpy as np
 from replicate.config import ConfigError, describe_differences, from_dict, read_yaml, to_dict
 from replicate.evaluate import errors_from_probabilities, read_predictions
 from replicate.experiment import ExperimentConfig, load_experiment, resolve_file
+from replicate.paper import load_claims
 from replicate.runs import SAME_EXPERIMENT, other_experiment, train_or_resume
 from replicate.tracking import RecordError, read_json, wandb_choice, write_json
 
@@ -47,14 +48,21 @@ WANDB_ARCHIVE_LIMIT = 25 * 2**20  # larger archives are not kept beside the reco
 
 
 def ablation_files(only: list[str] | None = None) -> list[Path]:
-    files = sorted((EXPERIMENTS / "ablations").glob("*.yaml"))
+    """The ablation configs in the order of their claims in paper/claims.yaml, whose first ones the
+    paper measured: an interrupted sweep has filled those rows first. `only`: these, in its order."""
+    files = {f.stem: f for f in (EXPERIMENTS / "ablations").glob("*.yaml")}
     if only:
-        known = {f.stem for f in files}
-        unknown = sorted(set(only) - known)
+        unknown = [name for name in only if name not in files]
         if unknown:
-            raise ConfigError(f"no ablation config {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        files = [f for f in files if f.stem in only]
-    return files
+            raise ConfigError(f"no ablation config {unknown[0]!r}; known: {', '.join(sorted(files))}")
+        return [files[name] for name in dict.fromkeys(only)]
+    claims = [claim["id"] for claim in load_claims()["ablations"]]
+
+    def place(path: Path) -> tuple[int, str]:
+        claim = (read_yaml(path).get("ablation") or {}).get("claim")
+        return (claims.index(claim) if claim in claims else len(claims), path.stem)
+
+    return sorted(files.values(), key=place)
 
 
 def preset_overrides(preset: str) -> list[str]:

@@ -62,6 +62,16 @@ def test_presets_and_names_are_checked():
         ablation_files(["no_lnr"])
 
 
+def test_a_sweep_runs_the_comparisons_in_the_order_of_the_papers_claims():
+    """The paper's measured comparisons first (claims.yaml's order), every config once; --only's own order."""
+    claims = [claim["id"] for claim in load_claims()["ablations"]]
+    tested = [read_yaml(path)["ablation"]["claim"] for path in ablation_files()]
+    assert tested == [claim for claim in claims if claim in tested]
+    assert len(tested) == len(list((ROOT / "experiments" / "ablations").glob("*.yaml")))
+    assert tested[:2] == ["no_lrn", "non_overlapping_pooling"]
+    assert [p.stem for p in ablation_files(["tanh", "no_lrn", "tanh"])] == ["tanh", "no_lrn"]
+
+
 def tiny_sweep(runs_dir: Path, *extra: str) -> list[str]:
     """`ablate` for the no_lrn comparison, seed 0, on 2 bundled images per class, 2 epochs."""
     return [
