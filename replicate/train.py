@@ -472,6 +472,7 @@ def _train_in(config, run_dir: Path, resume: bool) -> Path:
     try:
         with StopRequested() as stop:
             trainer.run(tracker, stop)
+            trainer.loader = None  # its persistent workers end: the evaluation's need the memory
             kept, results = {views: [] for views in config.train.final_views}, {}
             for views in kept:
                 started = time.perf_counter()

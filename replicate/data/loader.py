@@ -22,6 +22,7 @@ from replicate.data.sources import (
 )
 from replicate.data.store import ImageStore, StoreSpec, build_store, fingerprint
 from replicate.data.transforms import Augment, AugmentConfig
+from replicate.speed import default_freed_memory, release_freed_memory
 
 # The bundled Imagenette subset: per class, 500 train and 150 val images.
 IMAGENETTE_PER_CLASS = {"train": 500, "val": 150}
@@ -305,13 +306,24 @@ def _whole_batch(batch):
     return batch
 
 
-def _one_thread(_worker: int) -> None:
+def _worker_init(_worker: int) -> None:
     torch.set_num_threads(1)  # workers do small ops; threads would only contend for the cores
+    default_freed_memory()  # a worker's batches are freed back to the kernel, not kept
+
+
+class _TrimmingLoader(DataLoader):
+    """A DataLoader that gives the heap's free pages back before its workers fork (see
+    `speed.release_freed_memory`)."""
+
+    def _get_iterator(self):
+        if self.num_workers > 0:
+            release_freed_memory()
+        return super()._get_iterator()
 
 
 def make_loader(dataset: StoreDataset, sampler: EpochBatches, config: DataConfig) -> DataLoader:
     workers = config.workers
-    return DataLoader(
+    return _TrimmingLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=_whole_batch,
@@ -319,7 +331,7 @@ def make_loader(dataset: StoreDataset, sampler: EpochBatches, config: DataConfig
         pin_memory=config.pin_memory and torch.cuda.is_available(),
         persistent_workers=config.persistent_workers and workers > 0,
         prefetch_factor=config.prefetch_factor if workers > 0 else None,
-        worker_init_fn=_one_thread if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None,
         # Its own generator: creating an iterator must not draw from the global RNG (dropout's), or a
         # resumed run would see a different dropout stream than one never stopped.
         generator=torch.Generator().manual_seed(0),
