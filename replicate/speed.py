@@ -168,12 +168,13 @@ def keep_freed_memory() -> bool:
 
 
 def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the kernel (malloc_trim), before the process forks loader
-    workers. A child inherits the heap that `keep_freed_memory` kept, free lists included: its own
-    allocations would reuse those blocks and copy each page they touch from the parent, so every
-    worker would grow towards the parent's peak memory (two 10-crop evaluation workers forked from a
-    trained network's process came to 27 GB on a 24 GB machine). Trimmed pages are fresh zero pages
-    to a child: it pays only for what it uses. Does nothing without glibc's malloc_trim."""
+    """Hand the heap's free pages back to the kernel (malloc_trim): before a process forks loader
+    workers, and in each worker after each batch. A child inherits the heap that `keep_freed_memory`
+    kept, free lists included: its allocations reuse those blocks, copying each page they touch from
+    the parent, and it keeps what it frees, so every worker would grow towards the parent's peak
+    (two 10-crop evaluation workers forked from a trained network's process came to 27 GB on a
+    24 GB machine). Trimmed pages are fresh zero pages to a child, and a worker that trims after each
+    batch holds about one batch. Does nothing without glibc's malloc_trim."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError, TypeError):

@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +11,9 @@ from replicate.data.imagenet import ImageRef, Split
 from replicate.data.loader import DataConfig, EpochBatches, StoreDataset, make_loader, training_mode
 from replicate.data.store import ImageStore, StoreSpec, build_store
 from replicate.data.transforms import Augment, AugmentConfig, crop_offsets
-from tests.conftest import encode
+from tests.conftest import HANG_GUARD_S, encode
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SIDE, CROP = 256, 224
 
@@ -262,3 +268,48 @@ def test_views_are_cut_on_a_gpu_and_in_the_workers_on_a_cpu_by_default():
     assert training_mode(jpeg, cpu) == training_mode(jpeg, gpu) == "train_encoded"
     with pytest.raises(ConfigError, match="needs store_format=jpeg and augment_on=device or auto"):
         DataConfig(store_format="jpeg", decode_on="device", augment_on="workers")
+
+
+LOADER_MEMORY = """
+import torch
+from replicate import speed
+from replicate.data.loader import DataConfig, EpochBatches, make_loader
+
+def private_mb():
+    with open("/proc/self/smaps_rollup") as rollup:
+        return sum(int(line.split()[1]) for line in rollup if line.startswith("Private_")) // 1024
+
+class Probe(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitems__(self, keys):
+        held = private_mb()  # what the worker holds of its own, from the batches before
+        batch = torch.ones(2**29 // 4)  # a 512 MB batch, made and freed
+        del batch
+        return held
+
+print(speed.keep_freed_memory())  # as every command does
+kept = torch.ones(2**30 // 4)  # 1 GB touched, then freed: kept in the heap
+del kept
+sampler = EpochBatches(4, 1, shuffle=False)
+print(max(make_loader(Probe(), sampler, DataConfig(workers=1, batch_size=1, persistent_workers=False))))
+"""
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/smaps_rollup").is_file(), reason="reads Linux's /proc/self/smaps_rollup"
+)
+def test_a_loader_worker_keeps_neither_the_training_processs_freed_heap_nor_its_own_batches():
+    """A process that keeps its freed memory (speed.keep_freed_memory) forks its loader workers: a
+    worker that reused the inherited free blocks would copy each page it touched, and one that kept
+    its freed batches would hold them; either holds the 512 MB batches it made after returning them.
+    (Two 10-crop evaluation workers grew so to 27 GB beside a trained network on a 24 GB machine.)"""
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER_MEMORY], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
+    assert done.returncode == 0, done.stderr
+    kept, private_mb = done.stdout.split()
+    if kept != "True":
+        pytest.skip("no glibc mallopt: the C library's allocator is left as it is")
+    assert int(private_mb) < 256, f"the worker holds {private_mb} MB of its own after its 512 MB batch"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from replicate.config import ConfigError, NonNegativeInt, Positive, Range, Section
 from replicate.data.device_decode import images_on
@@ -302,7 +302,10 @@ class StoreDataset(Dataset):
 
 
 def _whole_batch(batch):
-    """The dataset already returns whole batches (its __getitems__)."""
+    """The dataset already returns whole batches (its __getitems__). In a loader worker, the pages
+    that making the batch freed go back to the kernel: see `speed.release_freed_memory`."""
+    if get_worker_info() is not None:
+        release_freed_memory()
     return batch
 
 
