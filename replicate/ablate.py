@@ -238,7 +238,8 @@ def run_sweep(
         config = replace(baseline, train=replace(baseline.train, seed=seed))
         place = f"{baseline.name}/seed{seed}"
         ensure_trained(config, root / place, records / place, log)
-    for config in configs:
+    # The ensemble as soon as its members are recorded; the trained ablations after it.
+    for config in sorted(configs, key=lambda c: c.ablation.kind != "ensemble"):
         if config.ablation.kind == "train":
             for seed in seeds:
                 seeded = replace(config, train=replace(config.train, seed=seed))
