@@ -172,8 +172,8 @@ def release_freed_memory() -> None:
     workers, and in each worker after each batch. A child inherits the heap that `keep_freed_memory`
     kept, free lists included: its allocations reuse those blocks, copying each page they touch from
     the parent, and it keeps what it frees, so every worker would grow towards the parent's peak
-    (two 10-crop evaluation workers forked from a trained network's process came to 27 GB on a
-    24 GB machine). Trimmed pages are fresh zero pages to a child, and a worker that trims after each
+    (the bundled run's trainer, its loader workers and two 10-crop evaluation workers would need
+    over 24 GB). Trimmed pages are fresh zero pages to a child, and a worker that trims after each
     batch holds about one batch. Does nothing without glibc's malloc_trim."""
     try:
         ctypes.CDLL(None).malloc_trim(0)

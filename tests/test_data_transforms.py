@@ -304,7 +304,7 @@ def test_a_loader_worker_keeps_neither_the_training_processs_freed_heap_nor_its_
     """A process that keeps its freed memory (speed.keep_freed_memory) forks its loader workers: a
     worker that reused the inherited free blocks would copy each page it touched, and one that kept
     its freed batches would hold them; either holds the 512 MB batches it made after returning them.
-    (Two 10-crop evaluation workers grew so to 27 GB beside a trained network on a 24 GB machine.)"""
+    (Beside a trained network, two 10-crop evaluation workers would so need over 24 GB.)"""
     done = subprocess.run(
         [sys.executable, "-c", LOADER_MEMORY], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S
     )
