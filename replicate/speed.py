@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -146,6 +147,15 @@ KEEP_FREED_MEMORY = "ALEXNET_KEEP_FREED_MEMORY"  # set to 0 to leave the C libra
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's <malloc.h>
 
 
+@functools.cache
+def _libc(name: str):
+    """The C library's function `name` (opened once), or None where there is none (macOS, Windows)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (AttributeError, OSError, TypeError):  # no such function, or no C library to open by None
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Make the C library's malloc keep freed memory for reuse instead of handing it back to the kernel.
 
@@ -157,11 +167,8 @@ def keep_freed_memory() -> bool:
     until it exits. `ALEXNET_KEEP_FREED_MEMORY=0` turns it off;
     it does nothing where the C library has no `mallopt` (macOS, Windows). Returns whether it is on.
     """
-    if os.environ.get(KEEP_FREED_MEMORY, "1") == "0":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, TypeError):  # no mallopt, or no C library to open by None
+    mallopt = _libc("mallopt")
+    if os.environ.get(KEEP_FREED_MEMORY, "1") == "0" or mallopt is None:
         return False
     # mallopt returns 1 on success; both must hold, or some blocks would still be unmapped
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
@@ -175,19 +182,17 @@ def release_freed_memory() -> None:
     (the bundled run's trainer, its loader workers and two 10-crop evaluation workers would need
     over 24 GB). Trimmed pages are fresh zero pages to a child, and a worker that trims after each
     batch holds about one batch. Does nothing without glibc's malloc_trim."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError, TypeError):
-        pass
+    malloc_trim = _libc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def default_freed_memory() -> None:
     """Undo `keep_freed_memory` in this process (a loader worker, which inherits the setting): large
     blocks mmapped and unmapped when freed, as the C library does by default, so that a worker's
     batches do not pile up in its heap."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, TypeError):
+    mallopt = _libc("mallopt")
+    if mallopt is None:
         return
     mallopt(_M_MMAP_MAX, 65536)  # glibc's defaults
     mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
