@@ -47,19 +47,58 @@ def hardware(sweep: Path) -> str:
     )
 
 
-def run_minutes(sweep: Path) -> str:
-    """'A run took ... minutes' over the runs whose every epoch and evaluation recorded its seconds
-    (epochs.csv, evaluation.json: training, validation and the final evaluation; not the start)."""
-    minutes = []
+# A run had its machine to itself when other work took at most this many CPU seconds per second of
+# its wall time: a tenth of one core on average (epochs.csv's other_cpu_seconds, replicate/cpu_clock.py).
+ALONE_SHARE = 0.1
+
+
+def _total(intervals: list[dict], key: str) -> float | None:
+    """The sum of `key` over the intervals; None if any of them lacks it."""
+    values = [interval.get(key) for interval in intervals]
+    return None if any(value is None or pd.isna(value) for value in values) else sum(values)
+
+
+def run_times(sweep: Path) -> pd.DataFrame:
+    """Each run whose every interval recorded its seconds (epochs.csv: training and validation;
+    evaluation.json: the final evaluations; not the start): its minutes, its processor, and whether
+    it had its machine to itself (None where it did not record other work's CPU time)."""
+    rows = []
     for epochs_csv in sorted(sweep.glob("*/seed*/epochs.csv")):
-        epochs = pd.read_csv(epochs_csv)
-        views = read_json(epochs_csv.parent / "evaluation.json")["views"].values()
-        if "seconds" in epochs and epochs["seconds"].notna().all() and all("seconds" in v for v in views):
-            minutes.append((epochs["seconds"].sum() + sum(v["seconds"] for v in views)) / 60)
-    if not minutes:
-        return ""
-    spread = f", {min(minutes):.0f} to {max(minutes):.0f}" if len(minutes) > 1 else ""
-    return f"A run took {statistics.median(minutes):.0f} min (median of {len(minutes)}{spread}). "
+        run = epochs_csv.parent
+        views = read_json(run / "evaluation.json")["views"].values()
+        intervals = [*pd.read_csv(epochs_csv).to_dict("records"), *views]
+        seconds, other = _total(intervals, "seconds"), _total(intervals, "other_cpu_seconds")
+        if seconds is not None:
+            rows.append(
+                {
+                    "minutes": seconds / 60,
+                    "processor": read_json(run / "environment.json").get("processor", "?"),
+                    "alone": None if other is None else other <= ALONE_SHARE * seconds,
+                }
+            )
+    return pd.DataFrame(rows, columns=["minutes", "processor", "alone"])
+
+
+def _median(minutes: pd.Series) -> str:
+    spread = f", {minutes.min():.0f} to {minutes.max():.0f}" if len(minutes) > 1 else ""
+    return f"{minutes.median():.0f} min (median of {len(minutes)}{spread})"
+
+
+def run_minutes(sweep: Path) -> str:
+    """How long a run took: on each processor, the runs that had their machine to itself; then the
+    runs beside other work, and those that did not record whether there was any."""
+    runs = run_times(sweep)
+    alone, shared, unknown = runs["alone"].eq(True), runs["alone"].eq(False), runs["alone"].isna()
+    text = ""
+    if alone.any():
+        each = [f"{_median(group['minutes'])} on {name}" for name, group in runs[alone].groupby("processor")]
+        text += f"A run alone on its machine took {'; '.join(each)}. "
+    if shared.any():
+        text += f"Runs beside other work took {_median(runs[shared]['minutes'])}. "
+    if unknown.any():
+        minutes = _median(runs[unknown]["minutes"])
+        text += f"Runs that did not record whether other work shared their machine took {minutes}. "
+    return text
 
 
 def _baseline_ten_crop(records: pd.DataFrame) -> pd.DataFrame:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from replicate import devices
 from replicate.checkpoints import CheckpointError, load_weights, read_checkpoint, resumable, save_atomic
 from replicate.config import ConfigError, NonNegativeInt, Positive, Section, describe_differences, to_dict
+from replicate.cpu_clock import CpuClock
 from replicate.data.loader import (
     EpochBatches,
     Prepared,
@@ -272,8 +273,11 @@ class Trainer:
         try:
             while position.epoch < train.epochs:
                 self.sampler.set_epoch(position.epoch, position.batch)
-                # epochs.csv's seconds; unknown (empty) for an epoch a stop split between processes
-                self.epoch_started = time.perf_counter() if position.batch == 0 else None
+                # epochs.csv's seconds and CPU seconds; unknown (empty) for an epoch a stop split
+                # between processes
+                whole = position.batch == 0
+                self.epoch_started = time.perf_counter() if whole else None
+                self.epoch_clock = CpuClock.now() if whole else None
                 self._epoch(tracker, stop)
                 if stop.requested or (train.max_steps and position.step >= train.max_steps):
                     self.checkpoint()
@@ -353,6 +357,7 @@ class Trainer:
         reduced = self.schedule.step(metrics["top1_error"])
         started = self.epoch_started
         seconds = None if started is None else time.perf_counter() - started  # training and validation
+        cpu = self.epoch_clock.since() if self.epoch_clock else {}
         position.epoch, position.batch = position.epoch + 1, 0
         improved = metrics["top1_error"] < self.best_error
         if improved:
@@ -369,6 +374,8 @@ class Trainer:
                     "lr_reduced": reduced,
                     "lr_reductions": self.schedule.reductions,
                     "seconds": seconds,
+                    "cpu_seconds": cpu.get("cpu_seconds"),
+                    "other_cpu_seconds": cpu.get("other_cpu_seconds"),
                 },
                 position.step,
             )
@@ -475,9 +482,10 @@ def _train_in(config, run_dir: Path, resume: bool) -> Path:
             trainer.loader = None  # its persistent workers end: the evaluation's need the memory
             kept, results = {views: [] for views in config.train.final_views}, {}
             for views in kept:
-                started = time.perf_counter()
+                started, clock = time.perf_counter(), CpuClock.now()
                 results[views] = trainer.evaluate(views, predictions=kept[views])
                 results[views]["seconds"] = time.perf_counter() - started
+                results[views].update(clock.since() if clock else {})
     except Interrupted as stopped:
         if trainer.rank == 0:
             write_status(

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from analysis.ablation_results import readme_block
+from analysis.ablation_results import readme_block, run_minutes
 from analysis.figures import colourfulness
 from analysis.index_page import COMMITTED
 from analysis.records import load_records
@@ -367,6 +367,37 @@ def test_the_cifar_table_reads_the_committed_figure1_record_where_no_run_has_one
     table = all_tables(tmp_path, committed=committed)["cifar10"].set_index("section")
     assert table.loc["§3.1", "measured"] == f"{record['tanh_over_relu']:.2f}"
     assert all_tables(tmp_path)["cifar10"].set_index("section").loc["§3.1", "measured"] == "not run"
+
+
+def test_run_times_keep_runs_alone_on_their_machine_apart_from_the_rest(tmp_path):
+    """A run counts as alone when other work took at most a tenth of a core over its wall time;
+    runs alone are timed per processor; a run with an epoch of unknown seconds is left out."""
+    fast, slow = "EPYC; 2 logical cores; AVX512", "EPYC; 2 logical cores; AVX2"
+
+    def timed(seed: int, processor: str, seconds: list, other: list | None) -> None:
+        run = write_run(tmp_path, "sweep", "baseline", seed, {"ten_crop": (40.0, 9.0)})
+        epochs = {"epoch": range(1, len(seconds) + 1), "seconds": seconds}
+        if other is not None:
+            epochs["other_cpu_seconds"] = other
+        pd.DataFrame(epochs).to_csv(run / "epochs.csv", index=False)
+        evaluation = json.loads((run / "evaluation.json").read_text())
+        cpu = {"other_cpu_seconds": 1.0} if other else {}
+        evaluation["views"]["ten_crop"].update({"seconds": 60.0, **cpu})
+        (run / "evaluation.json").write_text(json.dumps(evaluation))
+        (run / "environment.json").write_text(json.dumps({"processor": processor}))
+
+    timed(0, fast, [600.0, 540.0], [10.0, 50.0])  # 20 min, other work 61 s of 1200: alone
+    timed(1, fast, [660.0, 660.0], [100.0, 20.0])  # 23 min, other work 121 s of 1380: alone
+    timed(2, slow, [900.0, 840.0], [0.0, 0.0])  # 30 min, alone on the slower processor
+    timed(3, fast, [1500.0, 1500.0], [1500.0, 1400.0])  # 51 min beside other work
+    timed(4, fast, [1140.0, 1200.0], None)  # 40 min, from before other work was recorded
+    timed(5, fast, [float("nan"), 600.0], [0.0, 0.0])  # an epoch split by a stop: not timed
+    assert run_minutes(tmp_path / "sweep") == (
+        f"A run alone on its machine took 30 min (median of 1) on {slow}; "
+        f"22 min (median of 2, 20 to 23) on {fast}. "
+        "Runs beside other work took 51 min (median of 1). "
+        "Runs that did not record whether other work shared their machine took 40 min (median of 1). "
+    )
 
 
 COMMITTED_SWEEP = ROOT / "analysis" / "results" / "ablations-bundled"

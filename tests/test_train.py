@@ -128,8 +128,12 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path)
     )
     difference = weights_difference(weights(killed), weights(whole))
     assert difference is None, f"the resumed run differs from the whole one: {difference}"
-    timed = ["seconds"]  # wall time: the only column a kill and resume may change; the split epoch's
-    assert pd.read_csv(killed / "epochs.csv")["seconds"].isna().tolist() == [False, True]  # unknown
+    # wall and CPU time: the only columns a kill and resume may change; the split epoch's unknown
+    timed = ["seconds", "cpu_seconds", "other_cpu_seconds"]
+    for column in timed:
+        assert pd.read_csv(killed / "epochs.csv")[column].isna().tolist() == [False, True], column
+    for views in evaluation["views"].values():
+        assert views["cpu_seconds"] > 0 and views["other_cpu_seconds"] >= 0
     pd.testing.assert_frame_equal(
         pd.read_csv(killed / "epochs.csv").drop(columns=timed),
         pd.read_csv(whole / "epochs.csv").drop(columns=timed),

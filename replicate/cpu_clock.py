@@ -1,0 +1,60 @@
+"""How much of its machine a run had: the CPU time the run's own processes (this process, its loader
+workers, any other child) used over an interval, and the CPU time the rest of the machine used over
+the same interval (other processes, and time the hypervisor gave to other machines: "steal").
+
+epochs.csv and evaluation.json record both beside each interval's wall-clock seconds, so a run time
+can be told apart from one measured beside other work (analysis/ablation_results.py's run time).
+Under torchrun the other ranks on the same machine count as other work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import psutil
+
+
+def _run_cpu_seconds() -> float:
+    """This process's CPU seconds, its finished children's and its live ones' (loader workers)."""
+    me = psutil.Process()
+    times = me.cpu_times()
+    seconds = times.user + times.system + times.children_user + times.children_system
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # ended (or a zombie) between listing and reading
+            child_times = child.cpu_times()
+            seconds += child_times.user + child_times.system
+    return seconds
+
+
+def _machine_busy_seconds() -> float:
+    """The CPU seconds all of the machine's logical cores spent not idle (nor waiting on I/O)."""
+    times = psutil.cpu_times()._asdict()
+    # Linux's user and nice already hold guest and guest_nice
+    idle = ("idle", "iowait", "guest", "guest_nice")
+    return sum(value for name, value in times.items() if name not in idle)
+
+
+@dataclass
+class CpuClock:
+    """A reading taken at the start of an interval; `since` gives the interval's CPU seconds."""
+
+    run: float
+    machine: float
+
+    @classmethod
+    def now(cls) -> CpuClock | None:
+        """None where the operating system does not say (then the record leaves the columns empty)."""
+        try:
+            return cls(_run_cpu_seconds(), _machine_busy_seconds())
+        except (psutil.Error, OSError, AttributeError):
+            return None
+
+    def since(self) -> dict[str, float]:
+        """{"cpu_seconds": the run's, "other_cpu_seconds": everything else's} since this reading."""
+        later = CpuClock.now()
+        if later is None:
+            return {}
+        run = later.run - self.run
+        # the two counters are read at slightly different instants: never below zero
+        return {"cpu_seconds": run, "other_cpu_seconds": max(0.0, later.machine - self.machine - run)}
