@@ -33,17 +33,22 @@ def configs_by_claim() -> dict[str, str]:
     return {load_experiment(path).ablation.claim: path.stem for path in ablation_files()}
 
 
+def processor_name(processor: str) -> str:
+    """environment.json's processor ("AMD EPYC; 2 logical cores; AVX512") for a list of them."""
+    return processor.replace("; ", ", ")
+
+
 def hardware(sweep: Path) -> str:
     """The processors, torch versions and commits of the sweep's runs, each with its count of runs."""
     environments = [read_json(p) for p in sorted(sweep.glob("*/seed*/environment.json"))]
 
-    def counted(key: str, shorten=lambda v: v) -> str:
+    def counted(key: str, shorten=lambda v: v, between: str = ", ") -> str:
         values = pd.Series([shorten(str(e.get(key, "?"))) for e in environments]).value_counts()
-        return ", ".join(f"{value} ({count} run{'s' * (count > 1)})" for value, count in values.items())
+        return between.join(f"{value} ({count} run{'s' * (count > 1)})" for value, count in values.items())
 
     return (
-        f"processor: {counted('processor')}; torch {counted('torch')}; "
-        f"commit {counted('git_commit', lambda v: v[:7])}"
+        f"Processors: {counted('processor', processor_name, '; ')}. Torch {counted('torch')}. "
+        f"Commits {counted('git_commit', lambda v: v[:7])}"
     )
 
 
@@ -72,7 +77,7 @@ def run_times(sweep: Path) -> pd.DataFrame:
             rows.append(
                 {
                     "minutes": seconds / 60,
-                    "processor": read_json(run / "environment.json").get("processor", "?"),
+                    "processor": processor_name(read_json(run / "environment.json").get("processor", "?")),
                     "alone": None if other is None else other <= ALONE_SHARE * seconds,
                 }
             )
@@ -202,7 +207,7 @@ def readme_block(sweep: Path, link: str, records: pd.DataFrame | None = None) ->
         lines.append(
             f"Baseline, seed{'s' * (top1.n > 1)} {', '.join(map(str, spread['seeds']))}: 10-crop top-1 error "
             f"{top1.mean:.1f}{interval} % (each seed: {each}{sd}); top-5 {top5.mean:.1f} %. "
-            f"{run_minutes(sweep)}Runs on {hardware(sweep)}."
+            f"{run_minutes(sweep)}{hardware(sweep)}."
         )
     lines += ["", markdown(rows), END]
     return "\n".join(lines)

@@ -373,6 +373,7 @@ def test_run_times_keep_runs_alone_on_their_machine_apart_from_the_rest(tmp_path
     """A run counts as alone when other work took at most a tenth of a core over its wall time;
     runs alone are timed per processor; a run with an epoch of unknown seconds is left out."""
     fast, slow = "EPYC; 2 logical cores; AVX512", "EPYC; 2 logical cores; AVX2"
+    named = {name: name.replace("; ", ", ") for name in (fast, slow)}
 
     def timed(seed: int, processor: str, seconds: list, other: list | None) -> None:
         run = write_run(tmp_path, "sweep", "baseline", seed, {"ten_crop": (40.0, 9.0)})
@@ -393,8 +394,8 @@ def test_run_times_keep_runs_alone_on_their_machine_apart_from_the_rest(tmp_path
     timed(4, fast, [1140.0, 1200.0], None)  # 40 min, from before other work was recorded
     timed(5, fast, [float("nan"), 600.0], [0.0, 0.0])  # an epoch split by a stop: not timed
     assert run_minutes(tmp_path / "sweep") == (
-        f"A run alone on its machine took 30 min (median of 1) on {slow}; "
-        f"22 min (median of 2, 20 to 23) on {fast}. "
+        f"A run alone on its machine took 30 min (median of 1) on {named[slow]}; "
+        f"22 min (median of 2, 20 to 23) on {named[fast]}. "
         "Runs beside other work took 51 min (median of 1). "
         "Runs that did not record whether other work shared their machine took 40 min (median of 1). "
     )
