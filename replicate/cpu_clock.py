@@ -2,17 +2,21 @@
 workers, any other child) used over an interval, and the CPU time the rest of the machine used over
 the same interval (other processes, and time the hypervisor gave to other machines: "steal").
 
-epochs.csv and evaluation.json record both beside each interval's wall-clock seconds, so a run time
-can be told apart from one measured beside other work (analysis/ablation_results.py's run time).
+epochs.csv and evaluation.json record both beside each interval's wall-clock seconds (`CpuClock`),
+so a run time can be told apart from one measured beside other work (analysis/ablation_results.py).
 Under torchrun the other ranks on the same machine count as other work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import psutil
+
+# what `CpuClock.since` measures, as epochs.csv and evaluation.json name it
+TIMED_COLUMNS = ("seconds", "cpu_seconds", "other_cpu_seconds")
 
 
 def _run_cpu_seconds() -> float:
@@ -35,26 +39,35 @@ def _machine_busy_seconds() -> float:
     return sum(value for name, value in times.items() if name not in idle)
 
 
+def _cpu_readings() -> tuple[float, float] | tuple[None, None]:
+    """(the run's CPU seconds, the machine's busy seconds); None where the operating system does not say."""
+    try:
+        return _run_cpu_seconds(), _machine_busy_seconds()
+    except (psutil.Error, OSError, AttributeError):
+        return None, None
+
+
 @dataclass
 class CpuClock:
-    """A reading taken at the start of an interval; `since` gives the interval's CPU seconds."""
+    """Readings taken at the start of an interval; `since` gives the interval's wall-clock seconds
+    and CPU seconds."""
 
-    run: float
-    machine: float
+    wall: float
+    run: float | None
+    machine: float | None
 
     @classmethod
-    def now(cls) -> CpuClock | None:
-        """None where the operating system does not say (then the record leaves the columns empty)."""
-        try:
-            return cls(_run_cpu_seconds(), _machine_busy_seconds())
-        except (psutil.Error, OSError, AttributeError):
-            return None
+    def start(cls) -> CpuClock:
+        return cls(time.perf_counter(), *_cpu_readings())
 
-    def since(self) -> dict[str, float]:
-        """{"cpu_seconds": the run's, "other_cpu_seconds": everything else's} since this reading."""
-        later = CpuClock.now()
-        if later is None:
-            return {}
-        run = later.run - self.run
-        # the two counters are read at slightly different instants: never below zero
-        return {"cpu_seconds": run, "other_cpu_seconds": max(0.0, later.machine - self.machine - run)}
+    def since(self) -> dict[str, float | None]:
+        """{"seconds": wall-clock, "cpu_seconds": the run's, "other_cpu_seconds": everything else's}
+        since this reading; the CPU seconds None where the operating system does not say."""
+        seconds = time.perf_counter() - self.wall
+        run_now, machine_now = _cpu_readings()
+        run = other = None
+        if run_now is not None and self.run is not None:
+            run = run_now - self.run
+            # the two counters are read at slightly different instants: never below zero
+            other = max(0.0, machine_now - self.machine - run)
+        return dict(zip(TIMED_COLUMNS, (seconds, run, other), strict=True))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from replicate import devices
 from replicate.checkpoints import CheckpointError, load_weights, read_checkpoint, resumable, save_atomic
 from replicate.config import ConfigError, NonNegativeInt, Positive, Section, describe_differences, to_dict
-from replicate.cpu_clock import CpuClock
+from replicate.cpu_clock import TIMED_COLUMNS, CpuClock
 from replicate.data.loader import (
     EpochBatches,
     Prepared,
@@ -275,9 +275,7 @@ class Trainer:
                 self.sampler.set_epoch(position.epoch, position.batch)
                 # epochs.csv's seconds and CPU seconds; unknown (empty) for an epoch a stop split
                 # between processes
-                whole = position.batch == 0
-                self.epoch_started = time.perf_counter() if whole else None
-                self.epoch_clock = CpuClock.now() if whole else None
+                self.epoch_clock = CpuClock.start() if position.batch == 0 else None
                 self._epoch(tracker, stop)
                 if stop.requested or (train.max_steps and position.step >= train.max_steps):
                     self.checkpoint()
@@ -355,9 +353,8 @@ class Trainer:
         position = self.position
         metrics = self.evaluate(self.config.train.eval_views)
         reduced = self.schedule.step(metrics["top1_error"])
-        started = self.epoch_started
-        seconds = None if started is None else time.perf_counter() - started  # training and validation
-        cpu = self.epoch_clock.since() if self.epoch_clock else {}
+        # training and validation
+        timed = self.epoch_clock.since() if self.epoch_clock else dict.fromkeys(TIMED_COLUMNS)
         position.epoch, position.batch = position.epoch + 1, 0
         improved = metrics["top1_error"] < self.best_error
         if improved:
@@ -373,9 +370,7 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "lr_reduced": reduced,
                     "lr_reductions": self.schedule.reductions,
-                    "seconds": seconds,
-                    "cpu_seconds": cpu.get("cpu_seconds"),
-                    "other_cpu_seconds": cpu.get("other_cpu_seconds"),
+                    **timed,
                 },
                 position.step,
             )
@@ -482,10 +477,8 @@ def _train_in(config, run_dir: Path, resume: bool) -> Path:
             trainer.loader = None  # its persistent workers end: the evaluation's need the memory
             kept, results = {views: [] for views in config.train.final_views}, {}
             for views in kept:
-                started, clock = time.perf_counter(), CpuClock.now()
-                results[views] = trainer.evaluate(views, predictions=kept[views])
-                results[views]["seconds"] = time.perf_counter() - started
-                results[views].update(clock.since() if clock else {})
+                clock = CpuClock.start()
+                results[views] = {**trainer.evaluate(views, predictions=kept[views]), **clock.since()}
     except Interrupted as stopped:
         if trainer.rank == 0:
             write_status(
