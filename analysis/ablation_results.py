@@ -39,17 +39,15 @@ def processor_name(processor: str) -> str:
 
 
 def hardware(sweep: Path) -> str:
-    """The processors, torch versions and commits of the sweep's runs, each with its count of runs."""
+    """The processors and torch versions of the sweep's runs, each with its count of runs (each run's
+    commit is in its linked environment.json)."""
     environments = [read_json(p) for p in sorted(sweep.glob("*/seed*/environment.json"))]
 
     def counted(key: str, shorten=lambda v: v, between: str = ", ") -> str:
         values = pd.Series([shorten(str(e.get(key, "?"))) for e in environments]).value_counts()
         return between.join(f"{value} ({count} run{'s' * (count > 1)})" for value, count in values.items())
 
-    return (
-        f"Processors: {counted('processor', processor_name, '; ')}. Torch {counted('torch')}. "
-        f"Commits {counted('git_commit', lambda v: v[:7])}"
-    )
+    return f"Processors: {counted('processor', processor_name, '; ')}. Torch {counted('torch')}"
 
 
 # A run had its machine to itself when other work took at most this many CPU seconds per second of
