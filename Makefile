@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # pytest-xdist's worker processes for `make test` (0: none, in this process). Two suit a 2-core CPU:
-# much of the suite's time is one core compiling or waiting on a subprocess. loadgroup: the tests of
-# one xdist_group run on one worker, in order (tests/test_speed.py's, which share compiled kernels).
+# much of the suite's time is one core compiling or waiting on a subprocess. Each worker, and every run
+# it starts, takes its share of the cores' threads (tests/conftest.py). loadgroup: the tests of one
+# xdist_group run on one worker, in order (tests/test_speed.py's, which share compiled kernels).
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup
 

@@ -35,6 +35,18 @@ def python_m(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
     )
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch takes its share of the cores, and the runs it starts in
+    subprocesses inherit that share through OMP_NUM_THREADS. Each process would otherwise start a
+    thread per core: with two workers busy at once on a 2-core CPU that is four threads on two cores,
+    spinning against each other, and a network's step takes far longer than with one thread each."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     """A test marked `gpu` needs one (`make gpu-evidence` selects them with -m gpu): skipped without."""
     if not torch.cuda.is_available():

@@ -115,6 +115,11 @@ def test_the_runner_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path)
     assert all(run.values("epoch/epoch") == [1, 2] for run in runs)
 
 
+# The tests of the recorded sweep run on one pytest-xdist worker (make test's --dist loadgroup), so
+# that the sweep is run once, not once on each worker.
+ON_THE_RECORDED_SWEEP = pytest.mark.xdist_group("recorded-sweep")
+
+
 @pytest.fixture(scope="module")
 def recorded_sweep(tmp_path_factory):
     """The tiny sweep (baseline and no_lrn, seed 0) with W&B offline and its records in their own
@@ -129,6 +134,7 @@ def recorded_sweep(tmp_path_factory):
 
 @pytest.mark.slow
 @needs_mirror
+@ON_THE_RECORDED_SWEEP
 def test_each_finished_run_leaves_its_small_records_and_no_checkpoint(recorded_sweep):
     records, runs = recorded_sweep
     for name in ("baseline", "no_lrn"):
@@ -149,6 +155,7 @@ def test_each_finished_run_leaves_its_small_records_and_no_checkpoint(recorded_s
 
 @pytest.mark.slow
 @needs_mirror
+@ON_THE_RECORDED_SWEEP
 def test_a_sweep_continues_from_its_records_alone_on_another_machine(recorded_sweep, tmp_path):
     records, _ = recorded_sweep
     elsewhere = tmp_path / "machine2"  # no runs at all: only the records
@@ -161,6 +168,7 @@ def test_a_sweep_continues_from_its_records_alone_on_another_machine(recorded_sw
 
 @pytest.mark.slow
 @needs_mirror
+@ON_THE_RECORDED_SWEEP
 def test_a_record_of_other_settings_is_refused_not_counted(recorded_sweep, tmp_path):
     records, _ = recorded_sweep
     copy = tmp_path / "records"
@@ -175,6 +183,7 @@ def test_a_record_of_other_settings_is_refused_not_counted(recorded_sweep, tmp_p
 
 @pytest.mark.slow
 @needs_mirror
+@ON_THE_RECORDED_SWEEP
 def test_the_ensemble_from_recorded_predictions_equals_the_ensemble_of_the_checkpoints(
     recorded_sweep, tmp_path
 ):
@@ -193,6 +202,7 @@ def test_the_ensemble_from_recorded_predictions_equals_the_ensemble_of_the_check
 
 @pytest.mark.slow
 @needs_mirror
+@ON_THE_RECORDED_SWEEP
 def test_a_run_logged_offline_by_the_sweep_holds_its_epochs_evaluation_group_and_tags(
     recorded_sweep, tmp_path
 ):

@@ -234,6 +234,8 @@ def test_a_run_with_every_speed_option_trains_and_evaluates(tmp_path):
     code, out, err = train(
         tmp_path,
         "train.max_steps=2",
+        f"data.batch_size={FAST_BATCH}",  # one batch shape in training and in evaluation alike:
+        "train.eval_batch_size=1",  # each kernel built once (see FAST_BATCH)
         "speed.precision=bf16",
         "speed.channels_last=true",
         "speed.fused_columns=true",

@@ -35,7 +35,10 @@ TINY = [
     "train.checkpoint_every=1",
     "train.log_every=1",
     "tracking.wandb=off",
+    "train.final_views=[centre]",  # ten crops add seconds to every run: the tests of them ask for them
 ]
+# §4.1's ten crops as well, as a run evaluates by default.
+BOTH_VIEWS = "train.final_views=[centre,ten_crop]"
 
 
 def train(runs: Path, *overrides: str, wait: bool = True, env: dict | None = None, fast_paths: bool = False):
@@ -110,10 +113,10 @@ def weights_difference(mine: dict, theirs: dict) -> str | None:
 def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
     """Run 2 epochs whole, and again killed mid-epoch 2 and resumed: the resumed run's record is
     whole, and both runs end with exactly the same weights and epoch metrics."""
-    code, _, err = train(tmp_path / "whole", "train.epochs=2")
+    code, _, err = train(tmp_path / "whole", "train.epochs=2", BOTH_VIEWS)
     assert code == 0, err
     whole = tmp_path / "whole" / "baseline" / "seed0"
-    process = train(tmp_path / "killed", "train.epochs=2", wait=False)
+    process = train(tmp_path / "killed", "train.epochs=2", BOTH_VIEWS, wait=False)
     killed = tmp_path / "killed" / "baseline" / "seed0"
     wait_for_step(killed, 3, process)
     kill_mid_epoch(process, killed / "checkpoints" / "last.pt", epoch=1)  # epoch 2 of 2, 3 batches each
@@ -223,7 +226,7 @@ def test_resume_falls_back_from_an_unreadable_last_checkpoint_and_says_so(tmp_pa
 
 
 def test_keep_best_false_keeps_only_the_last_checkpoint(tmp_path):
-    code, out, err = train(tmp_path, "train.epochs=1", "train.keep_best=false")
+    code, out, err = train(tmp_path, "train.epochs=1", "train.keep_best=false", BOTH_VIEWS)
     assert code == 0, err
     for views in ("centre", "ten_crop"):  # train ends by printing its final errors
         assert re.search(rf"\n{views}: top-1 error [\d.]+%, top-5 error [\d.]+% on 20 images", out), out
@@ -231,27 +234,43 @@ def test_keep_best_false_keeps_only_the_last_checkpoint(tmp_path):
     assert kept == ["last.pt"]
 
 
-@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_sigint_and_sigterm_save_a_checkpoint_and_the_run_resumes(tmp_path, stop, code):
-    """Ctrl-C, and SIGTERM (what kill, timeout, containers and Slurm send): a checkpoint after the
-    step in progress, the status says so, and the command it prints continues the run."""
-    process = train(tmp_path, "train.epochs=3", wait=False)
-    run_dir = tmp_path / "baseline" / "seed0"
-    wait_for_step(run_dir, 2, process)
+def stop_saying_how_to_continue(process: subprocess.Popen, run_dir: Path, stop: signal.Signals, after: int):
+    """Send `stop` to a run once it is past step `after`; it checkpoints the step in progress and says
+    how to continue. Returns that command's arguments, and the step its checkpoint holds."""
+    wait_for_step(run_dir, after + 1, process)
     process.send_signal(stop)
     _, err = process.communicate(timeout=HANG_GUARD_S)
-    assert process.returncode == code, err
-    name = signal.Signals(stop).name
-    assert f"stopped by {name}: {run_dir} saved a checkpoint; continue with" in err
+    assert process.returncode == 128 + stop, err
+    assert f"stopped by {stop.name}: {run_dir} saved a checkpoint; continue with" in err
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "interrupted" and status["message"].startswith(f"stopped by {name} at step")
+    assert status["state"] == "interrupted", status
+    assert status["message"].startswith(f"stopped by {stop.name} at step"), status
     stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["position"]["step"]
-    assert stopped_at >= 2
+    assert stopped_at > after
+    suggested = re.search(r"continue with `python -m replicate (train --resume \S+)`", err).group(1)
+    return suggested.split(), stopped_at
+
+
+def test_sigint_and_sigterm_save_a_checkpoint_and_the_run_resumes(tmp_path):
+    """Ctrl-C, and SIGTERM (what kill, timeout, containers and Slurm send): a checkpoint after the
+    step in progress, the status says so, and the command it prints continues the run. One run,
+    stopped by each in turn, ends with every step once."""
+    run_dir = tmp_path / "baseline" / "seed0"
+    suggested, stopped_at = stop_saying_how_to_continue(
+        train(tmp_path, "train.epochs=3", wait=False), run_dir, signal.SIGINT, after=1
+    )  # 3 epochs of 3 steps
     again = train(tmp_path)
     assert again[0] == 1 and "already holds a run: resume it with --resume" in again[2]
-    suggested = re.search(r"continue with `python -m replicate (train --resume \S+)`", err).group(1).split()
-    resumed = python_m("replicate", *suggested)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = subprocess.Popen(
+        [sys.executable, "-m", "replicate", *suggested],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    suggested, _ = stop_saying_how_to_continue(resumed, run_dir, signal.SIGTERM, after=stopped_at + 1)
+    done = python_m("replicate", *suggested)
+    assert done.returncode == 0, done.stderr
     assert pd.read_csv(run_dir / "steps.csv")["step"].tolist() == list(range(1, 10))
 
 
@@ -263,6 +282,7 @@ def test_wandb_offline_logs_the_run_and_never_writes_the_api_key(tmp_path):
         "tracking.wandb=offline",
         "tracking.variant=lrn",
         "tracking.log_checkpoint=true",
+        BOTH_VIEWS,
         env={"WANDB_API_KEY": secret, "WANDB_SILENT": "true"},
     )
     assert code == 0, err
